@@ -1,0 +1,263 @@
+"""The `radpath` command line. Each command parses options and calls one function of its step's
+module; the work and the checks live there. Errors that are the user's input print one message
+per problem and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from radpath_fs.errors import RadpathError
+
+app = typer.Typer(
+    name="radpath",
+    help="Brain tumour classification (A/O/G) from whole slide images and MRI, as a feature store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+StoreOpt = typer.Option("store", "--store", "-s", help="Store folder or fsspec URL.")
+SchedulerOpt = typer.Option("sync", "--scheduler", help="sync, threads, processes, local:N, cuda, tcp://host:port")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML; defaults to the paper's recipe.")
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RadpathError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _config(path: Optional[Path]):
+    from radpath_fs.config import PipelineConfig, load_config
+
+    return load_config(path) if path else PipelineConfig()
+
+
+def _floats(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RadpathError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: Optional[str], n: int, option: str) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != n or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise RadpathError(f"{option} {text!r}: expected {n} positive integers joined by 'x'")
+    return tuple(int(p) for p in parts)
+
+
+@app.command()
+@_user_errors
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write the CPM-RadPath layout into."),
+    cases: int = typer.Option(24, "--cases", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    wsi_size: Optional[str] = typer.Option(None, "--wsi-size", help="WxH in pixels at --wsi-mpp"),
+    wsi_mpp: float = typer.Option(0.5, "--wsi-mpp"),
+    mri_size: Optional[str] = typer.Option(None, "--mri-size", help="XxYxZ voxels"),
+    label_noise: float = typer.Option(0.0, "--label-noise", min=0.0, max=1.0),
+    unlabelled: int = typer.Option(0, "--unlabelled", help="extra cases without a label"),
+):
+    """Write a synthetic cohort in the CPM-RadPath layout (slides, MRI, labels CSV)."""
+    from radpath_fs.config import SynthConfig
+    from radpath_fs.synth import synth_cohort
+
+    kw = dict(cases=cases, seed=seed, wsi_mpp=wsi_mpp, label_noise=label_noise, unlabelled=unlabelled)
+    if wsi_size:
+        kw["wsi_size"] = _size(wsi_size, 2, "--wsi-size")
+    if mri_size:
+        kw["mri_size"] = _size(mri_size, 3, "--mri-size")
+    synth_cohort(out, SynthConfig(**kw))
+
+
+@app.command()
+@_user_errors
+def ingest(
+    data: Path = typer.Argument(..., help="CPM-RadPath folder (Pathology/, Radiology/)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: CPM_RadPath_2019_ID,class,age_in_days"),
+    store: str = StoreOpt,
+    folds: int = typer.Option(5, "--folds", min=2),
+    seed: int = typer.Option(0, "--seed"),
+    default_mpp: Optional[float] = typer.Option(None, "--default-mpp", help="µm/px for slides without it"),
+    skip_errors: bool = typer.Option(False, "--skip-errors", help="record bad cases as excluded"),
+    unlabelled_split: str = typer.Option("val", "--unlabelled-split", help="split of cases without label"),
+):
+    """Scan a cohort folder, validate it, and write tables/cases.parquet."""
+    from radpath_fs.cohort import ingest as run_ingest
+    from radpath_fs.config import IngestConfig
+
+    cfg = IngestConfig(folds=folds, seed=seed, default_mpp=default_mpp, skip_errors=skip_errors)
+    run_ingest(store, data, labels, cfg, unlabelled_split=unlabelled_split)
+
+
+@app.command()
+@_user_errors
+def tile(
+    store: str = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    mags: Optional[str] = typer.Option(None, "--mags", help="e.g. 40,20,10,5,2.5"),
+    codec: Optional[str] = typer.Option(None, "--codec", help="zstd (lossless) or jpeg"),
+    scheduler: str = SchedulerOpt,
+    skip_errors: bool = typer.Option(False, "--skip-errors"),
+):
+    """Tile every slide at each magnification, drop background, write tiles.zarr + tiles.parquet."""
+    from radpath_fs.wsi import tile_store
+
+    cfg = _config(config).tile
+    update = {k: v for k, v in {"magnifications": _floats(mags), "codec": codec}.items() if v is not None}
+    tile_store(store, cfg.model_validate({**cfg.model_dump(), **update}), scheduler=scheduler, skip_errors=skip_errors)
+
+
+@app.command()
+@_user_errors
+def embed(
+    store: str = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="any timm model name"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=".safetensors or .pth state dict"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    device: str = DeviceOpt,
+    scheduler: str = SchedulerOpt,
+):
+    """Embed every stored tile with a timm model; write embeddings.zarr/<embedder>/<case>/<mag>."""
+    from radpath_fs.embed import embed_store
+
+    cfg = _config(config).embed
+    update = {"name": embedder, "weights": weights, "batch_size": batch_size}
+    update = {k: v for k, v in update.items() if v is not None}
+    embed_store(store, cfg.model_validate({**cfg.model_dump(), **update}), device=device, scheduler=scheduler)
+
+
+@app.command("train-wsi")
+@_user_errors
+def train_wsi(
+    store: str = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    mag: float = typer.Option(..., "--mag"),
+    fold: int = typer.Option(..., "--fold", help="held-out fold; -1 trains on every labelled case"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="finetune or head"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="embedder start weights (finetune)"),
+    device: str = DeviceOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume"),
+):
+    """Train the pooled-head MIL classifier for one magnification and fold."""
+    from radpath_fs.mil import train_wsi as run_train
+
+    cfg = _config(config)
+    run_train(store, cfg, magnification=mag, fold=fold, mode=mode, weights=weights, device=device, resume=resume)
+
+
+@app.command("train-mri")
+@_user_errors
+def train_mri(
+    store: str = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    fold: int = typer.Option(..., "--fold", help="held-out fold; -1 trains on every labelled case"),
+    device: str = DeviceOpt,
+    scheduler: str = SchedulerOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume"),
+):
+    """Preprocess the MRI (cached in mri.zarr) and train the 3D DenseNet for one fold."""
+    from radpath_fs.mri import train_mri as run_train
+
+    run_train(store, _config(config), fold=fold, device=device, scheduler=scheduler, resume=resume)
+
+
+@app.command()
+@_user_errors
+def predict(
+    store: str = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    model: list[str] = typer.Option(..., "--model", help="model id(s), e.g. wsi-mag20-fold0-e49"),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="oof, val, test, train (default: oof + unlabelled)"),
+    device: str = DeviceOpt,
+):
+    """Write the prediction table of each model (paper's inference protocol for slides)."""
+    from radpath_fs.predict import predict_models
+
+    predict_models(store, _config(config), model_ids=model, splits=split, device=device)
+
+
+@app.command()
+@_user_errors
+def fuse(
+    store: str = StoreOpt,
+    config: Optional[Path] = ConfigOpt,
+    method: Optional[str] = typer.Option(None, "--method", help="soft_vote, hard_vote, prune, greedy, exhaustive, stack_lr, stack_xgb"),
+    prune: Optional[int] = typer.Option(None, "--prune", help="drop the K worst members"),
+    ablations: bool = typer.Option(False, "--ablations", help="also run the ablation table"),
+):
+    """Fuse the prediction tables offline (no GPU, no torch); write tables/ensembles.parquet."""
+    from radpath_fs.fusion.cli import fuse_store
+
+    cfg = _config(config).fusion
+    update = {k: v for k, v in {"method": method, "prune": prune}.items() if v is not None}
+    fuse_store(store, cfg.model_validate({**cfg.model_dump(), **update}), ablations=ablations)
+
+
+@app.command()
+@_user_errors
+def query(
+    sql: str = typer.Argument(..., help="SQL over the views cases, tiles, predictions, ensembles"),
+    store: str = StoreOpt,
+    fmt: str = typer.Option("table", "--format", help="table, csv, json or parquet"),
+    out: Optional[Path] = typer.Option(None, "--out", help="file for --format parquet"),
+):
+    """Run read-only SQL (DuckDB) over the store's tables."""
+    from radpath_fs.query import run_query
+
+    run_query(store, sql, fmt=fmt, out=out)
+
+
+@app.command()
+@_user_errors
+def report(
+    store: str = StoreOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default <store>/report)"),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Write a self-contained HTML report of the store."""
+    from radpath_fs.report import write_report
+
+    write_report(store, out=out, config=_config(config))
+
+
+@app.command()
+@_user_errors
+def run(
+    pipeline: Path = typer.Argument(..., help="pipelines/demo.yaml, pipelines/cpm2020.yaml, ..."),
+    store: Optional[str] = typer.Option(None, "--store", "-s", help="overrides the pipeline's store"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    device: Optional[str] = typer.Option(None, "--device"),
+):
+    """Run every step of a pipeline in order; complete steps are skipped."""
+    from radpath_fs.config import load_config
+    from radpath_fs.pipeline import run_pipeline
+
+    run_pipeline(load_config(pipeline), store=store, scheduler=scheduler, device=device)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

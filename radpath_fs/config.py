@@ -1,0 +1,244 @@
+"""Pipeline configuration: pydantic models loaded from YAML.
+
+Every number of the paper's recipe lives here with its default, and `pipelines/cpm2020.yaml`
+spells them out. Unknown keys are errors (typos must not silently fall back to a default), and
+every error names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from radpath_fs import CLASSES, MODALITIES
+from radpath_fs.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def mag_to_mpp(magnification: float) -> float:
+    """Objective magnification to µm/px, the convention of DESIGN.md (40x = 0.25 µm/px)."""
+    return 10.0 / float(magnification)
+
+
+class SynthConfig(Section):
+    """A synthetic CPM-RadPath cohort (`radpath synth`)."""
+
+    cases: int = Field(24, ge=1)
+    seed: int = 0
+    wsi_size: tuple[int, int] = (4096, 3072)
+    wsi_mpp: float = Field(0.5, gt=0)
+    mri_size: tuple[int, int, int] = (64, 64, 48)
+    label_noise: float = Field(0.0, ge=0, le=1)
+    class_proportions: dict[str, float] = {"G": 0.60, "A": 0.24, "O": 0.16}
+    unlabelled: int = Field(0, ge=0, description="extra cases written without a label (a hidden set)")
+
+    @field_validator("class_proportions")
+    @classmethod
+    def _known_classes(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = set(v) - set(CLASSES)
+        if bad:
+            raise ValueError(f"unknown classes {sorted(bad)}; classes are {list(CLASSES)}")
+        if any(p < 0 for p in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("proportions must be non-negative with a positive sum")
+        return v
+
+
+class DataConfig(Section):
+    """Where the cohort is. With `synth`, `radpath run` generates it into `root` first."""
+
+    root: Path = Path("data")
+    labels: Path | None = None
+    synth: SynthConfig | None = None
+    unlabelled_split: Literal["val", "test"] = "val"
+
+
+class IngestConfig(Section):
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    default_mpp: float | None = Field(None, gt=0)
+    skip_errors: bool = False
+
+
+class TileConfig(Section):
+    tile_size: int = Field(512, ge=16)
+    magnifications: list[float] = [40, 20, 10, 5, 2.5]
+    # The background rule, exact: background when >= `background_fraction` of the pixels have
+    # R, G and B all > `background_threshold`.
+    background_threshold: int = Field(180, ge=0, le=255)
+    background_fraction: float = Field(0.75, gt=0, le=1)
+    codec: Literal["zstd", "jpeg"] = "zstd"
+    zstd_level: int = Field(1, ge=1, le=22)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    tiles_per_shard: int = Field(64, ge=1)
+
+    @field_validator("magnifications")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not v or any(m <= 0 for m in v):
+            raise ValueError("magnifications must be a non-empty list of positive numbers")
+        return v
+
+
+class EmbedConfig(Section):
+    name: str = "efficientnet_b0"
+    weights: Path | None = None
+    pretrained: bool = False
+    crop: Literal["center", "resize"] = "center"
+    input_size: int = Field(224, ge=8)
+    normalization: Literal["dataset", "imagenet"] = "dataset"
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(256, ge=1)
+    compile: bool = False
+    magnifications: list[float] | None = None  # None: every magnification in the tile store
+
+
+class ColorJitterConfig(Section):
+    brightness: float = Field(0.1, ge=0)
+    contrast: float = Field(0.1, ge=0)
+    saturation: float = Field(0.1, ge=0)
+    hue: float = Field(0.01, ge=0, le=0.5)
+
+
+class HeadConfig(Section):
+    """The pooled head: [max || mean] (2L) -> dropout -> (linear, ReLU, batch norm)* -> linear -> 3."""
+
+    hidden: list[int] = []
+    dropout: float = Field(0.5, ge=0, lt=1)
+
+
+class SnapshotMixin(Section):
+    epochs: int = Field(50, ge=1)
+    # Epochs counted back from the end: -1 is the last epoch, -11 is 10 epochs before it.
+    snapshots: list[int] = [-1, -11]
+
+    @model_validator(mode="after")
+    def _snapshots_in_range(self):
+        for s in self.snapshots:
+            if s == 0 or abs(s) > self.epochs:
+                raise ValueError(f"snapshot {s} is outside 1..{self.epochs} epochs counted back from the end")
+        return self
+
+    def snapshot_epochs(self) -> list[int]:
+        """0-based epoch indices whose weights are kept, ascending."""
+        return sorted({self.epochs + s for s in self.snapshots})
+
+
+class WSITrainConfig(SnapshotMixin):
+    mode: Literal["finetune", "head"] = "finetune"
+    magnifications: list[float] = [20, 10, 5, 2.5]
+    slides_per_batch: int = Field(4, ge=1)
+    tiles_per_slide: int = Field(50, ge=1)
+    crop_size: int = Field(224, ge=8)
+    color_jitter: ColorJitterConfig = ColorJitterConfig()
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    class_weighting: Literal["inverse_frequency", "none"] = "inverse_frequency"
+    head: HeadConfig = HeadConfig()
+    folds: list[int] | None = None  # None: every fold of the cases table
+
+
+class PredictConfig(Section):
+    tiles_per_slide: int = Field(200, ge=1)
+    repeats: int = Field(10, ge=1)
+    augment: bool = True
+    batch_tiles: int = Field(1024, ge=1)
+
+
+class MRITrainConfig(SnapshotMixin):
+    epochs: int = Field(200, ge=1)
+    modalities: list[str] = list(MODALITIES)
+    spatial_size: tuple[int, int, int] = (128, 128, 128)
+    network: Literal["densenet121", "densenet169", "densenet201", "densenet264"] = "densenet169"
+    # Growth rate and block layout can be shrunk for CPU tests; None keeps MONAI's defaults.
+    init_features: int | None = None
+    growth_rate: int | None = None
+    block_config: tuple[int, ...] | None = None
+    zoom: tuple[float, float] = (0.8, 1.2)
+    zoom_prob: float = Field(0.5, ge=0, le=1)
+    rotate_degrees: float = Field(10.0, ge=0)
+    rotate_prob: float = Field(0.5, ge=0, le=1)
+    elastic_sigma: tuple[float, float] = (1.0, 10.0)
+    elastic_magnitude: tuple[float, float] = (10.0, 200.0)
+    elastic_prob: float = Field(0.3, ge=0, le=1)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(3, ge=1)
+    class_weighting: Literal["inverse_frequency", "none"] = "inverse_frequency"
+    folds: list[int] | None = None
+
+    @field_validator("modalities")
+    @classmethod
+    def _known_modalities(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in MODALITIES]
+        if bad or not v:
+            raise ValueError(f"unknown modalities {bad}; modalities are {list(MODALITIES)}")
+        return v
+
+
+class FusionConfig(Section):
+    method: Literal["soft_vote", "hard_vote", "prune", "greedy", "exhaustive", "stack_lr", "stack_xgb"] = "prune"
+    prune: int = Field(2, ge=0)
+    metric: Literal["balanced_accuracy", "kappa", "f1_micro", "f1_macro"] = "balanced_accuracy"
+    bootstrap: int = Field(1000, ge=0)
+    ablations: bool = True
+
+
+class ReportConfig(Section):
+    out: Path | None = None  # None: <store>/report
+    cases_shown: int = Field(3, ge=0)
+
+
+class PipelineConfig(Section):
+    name: str = "pipeline"
+    seed: int = 0
+    store: str = "store"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    scheduler: str = "sync"
+    data: DataConfig = DataConfig()
+    ingest: IngestConfig = IngestConfig()
+    tile: TileConfig = TileConfig()
+    embed: EmbedConfig = EmbedConfig()
+    wsi: WSITrainConfig = WSITrainConfig()
+    predict: PredictConfig = PredictConfig()
+    mri: MRITrainConfig = MRITrainConfig()
+    fusion: FusionConfig = FusionConfig()
+    report: ReportConfig = ReportConfig()
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<config>") -> PipelineConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Load a pipeline YAML. Relative data paths are taken relative to the current directory."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)  # safe: YAML tags cannot construct Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_config(data, str(path))

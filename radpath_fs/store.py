@@ -1,0 +1,283 @@
+"""The feature store: one folder (or fsspec URL) holding tables (Parquet) and arrays (Zarr v3).
+
+Layout (DESIGN.md): store.json, tables/*.parquet, tiles.zarr, embeddings.zarr, mri.zarr, models/.
+Two rules keep reruns safe:
+- a Zarr group is written by one task and marked complete last (`mark_complete`); a rerun skips
+  complete groups and rewrites incomplete ones from scratch (`fresh_group`);
+- a Parquet table is written to a temporary name and renamed, so readers never see half a table.
+A writer lock (`Store.lock`) keeps two writers off the same store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from radpath_fs.errors import StoreError, StoreLockedError
+
+LAYOUT_VERSION = 1
+LOCK_NAME = ".radpath.lock"
+TMP_PREFIX = ".tmp-"
+COMPLETE = "complete"
+
+# Case ids, model ids and embedder ids become path components: keep them boring.
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is safe as one path component (no separators, no '..', no leading dot)."""
+    if not isinstance(name, str) or not _SAFE.match(name) or ".." in name:
+        raise StoreError(
+            f"{what} {name!r} is not safe as a path component "
+            "(letters, digits, '.', '_' and '-' only, not starting with '.', no '..')"
+        )
+    return name
+
+
+def mag_key(magnification: float) -> str:
+    """Zarr group name of a magnification: 20 -> '20', 2.5 -> '2.5'."""
+    return f"{float(magnification):g}"
+
+
+class Store:
+    """A feature store rooted at a local path or an fsspec URL (``s3://bucket/x``, ``memory://x``)."""
+
+    def __init__(self, url: str | os.PathLike, *, create: bool = False):
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+        self.is_local = "file" in _protocols(self.fs)
+        meta = self.path("store.json")
+        if self.fs.exists(meta):
+            info = json.loads(self.fs.cat_file(meta))
+            if info.get("layout_version") != LAYOUT_VERSION:
+                raise StoreError(
+                    f"{meta}: layout version {info.get('layout_version')!r}, this radpath_fs reads "
+                    f"version {LAYOUT_VERSION}"
+                )
+        elif create:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.write_json("store.json", {"layout_version": LAYOUT_VERSION, "created": _now()})
+        else:
+            raise StoreError(f"{self.url}: not a radpath store (no store.json); run `radpath ingest` first")
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # ---- paths ---------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def local_path(self, *parts: str) -> str:
+        """The OS path of a store location; only for stores on the local filesystem."""
+        if not self.is_local:
+            raise StoreError(f"{self.url}: this operation needs a store on the local filesystem")
+        return os.path.join(self.root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        """An fsspec URL for a location inside the store (what Dask workers are handed)."""
+        proto = _protocols(self.fs)[0]
+        joined = self.path(*parts)
+        return joined if self.is_local else f"{proto}://{joined}"
+
+    # ---- small files ---------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file atomically: a temporary name beside it, then a rename."""
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        if self.is_local:
+            os.replace(tmp, target)  # atomic on POSIX, and replaces an existing file
+        else:
+            self.fs.mv(tmp, target)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.fs.cat_file(self.path(rel)))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    # ---- tables --------------------------------------------------------------------------------
+    @staticmethod
+    def table_rel(name: str) -> str:
+        parts = name.split("/")
+        for p in parts:
+            check_name(p, "table name")
+        return "tables/" + "/".join(parts) + ".parquet"
+
+    def write_table(self, name: str, table: pa.Table | pd.DataFrame) -> str:
+        """Write `tables/<name>.parquet` atomically and return its path."""
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        rel = self.table_rel(name)
+        self.write_bytes(rel, buf.getvalue())
+        return self.path(rel)
+
+    def has_table(self, name: str) -> bool:
+        return self.exists(self.table_rel(name))
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        rel = self.table_rel(name)
+        if not self.exists(rel):
+            raise StoreError(f"{self.path(rel)}: table {name!r} does not exist yet")
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.read_table(f).to_pandas()
+
+    def list_tables(self, prefix: str) -> list[str]:
+        """Names of the tables under `tables/<prefix>/`, sorted, temporaries left out."""
+        folder = self.path("tables", prefix)
+        if not self.fs.exists(folder):
+            return []
+        names = [p.rsplit("/", 1)[1] for p in self.fs.ls(folder, detail=False)]
+        return sorted(
+            f"{prefix}/{n[: -len('.parquet')]}"
+            for n in names
+            if n.endswith(".parquet") and not n.startswith(TMP_PREFIX)
+        )
+
+    def cases(self, include_excluded: bool = False) -> pd.DataFrame:
+        """The cases table; excluded cases (bad input recorded by --skip-errors) left out by default."""
+        df = self.read_table("cases")
+        if not include_excluded:
+            df = df[~df["excluded"]].reset_index(drop=True)
+        return df
+
+    # ---- zarr ----------------------------------------------------------------------------------
+    def zarr_store(self, name: str):
+        """A zarr v3 store for `name` (``tiles.zarr``, ``embeddings.zarr``, ``mri.zarr``)."""
+        import zarr
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.local_path(name))
+        return zarr.storage.FsspecStore(self.fs, path=self.path(name))
+
+    def open_zarr(self, name: str, mode: str = "a"):
+        import zarr
+
+        return zarr.open_group(store=self.zarr_store(name), mode=mode)
+
+    def group_is_complete(self, name: str, path: str) -> bool:
+        """Whether `name/path` exists and was marked complete by its writer."""
+        import zarr
+
+        try:
+            g = zarr.open_group(store=self.zarr_store(name), path=path, mode="r")
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+            return False
+        return bool(g.attrs.get(COMPLETE, False))
+
+    def fresh_group(self, name: str, path: str):
+        """An empty group at `name/path`, whatever was there before (an incomplete earlier write)."""
+        import zarr
+
+        for part in path.split("/"):
+            check_name(part, "group name")
+        zarr.open_group(store=self.zarr_store(name), mode="a")  # root exists before children
+        return zarr.open_group(store=self.zarr_store(name), path=path, mode="w")
+
+    def open_group(self, name: str, path: str, mode: str = "r"):
+        import zarr
+
+        return zarr.open_group(store=self.zarr_store(name), path=path, mode=mode)
+
+    # ---- writer lock ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the store's writer lock for the duration of a writing command.
+
+        A second writer fails at once, naming the holder. A lock left by a process that died on
+        this host is cleared. (On object stores without exclusive create the check is best effort.)
+        """
+        lock = self.path(LOCK_NAME)
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": _now(),
+            "command": command,
+            "token": uuid.uuid4().hex,
+        }
+        for _ in range(2):
+            if self._try_create_lock(lock, holder):
+                break
+            current = self._read_lock(lock)
+            if current is not None and not _is_stale(current):
+                raise StoreLockedError(
+                    f"{self.url} is locked by another writer: pid {current.get('pid')} on host "
+                    f"{current.get('host')} since {current.get('since')} ({current.get('command')}). "
+                    f"If that process is gone from another host, remove {lock}."
+                )
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(lock)
+        else:  # pragma: no cover - two processes clearing the same stale lock at once
+            raise StoreLockedError(f"{self.url}: could not take the writer lock ({lock})")
+        try:
+            yield
+        finally:
+            current = self._read_lock(lock)
+            if current is not None and current.get("token") == holder["token"]:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(lock)
+
+    def _try_create_lock(self, lock: str, holder: dict) -> bool:
+        data = json.dumps(holder).encode()
+        if self.is_local:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.fs.exists(lock):
+            return False
+        self.fs.pipe_file(lock, data)
+        return True
+
+    def _read_lock(self, lock: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(lock))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a lock file cut short when its writer died
+            return {}
+
+
+def _is_stale(holder: dict) -> bool:
+    """A lock is stale when its process is gone on this host (or the lock file is unreadable)."""
+    if not holder or "pid" not in holder:
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    import psutil
+
+    return not psutil.pid_exists(int(holder["pid"]))
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

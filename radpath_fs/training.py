@@ -1,0 +1,109 @@
+"""What the slide and the MRI trainers share: devices, seeds, class weights, checkpoints, history.
+
+Checkpoints are `models/<model_id>/model.safetensors` + `config.json` (+ `history.parquet` per
+training run): nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pandas as pd
+
+from radpath_fs import CLASSES
+from radpath_fs.errors import InputError, RadpathError
+from radpath_fs.store import check_name
+
+
+def resolve_device(spec: str = "auto"):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise RadpathError(f"--device {spec}: CUDA is not available on this machine")
+    if spec not in ("cpu",) and not spec.startswith("cuda"):
+        raise RadpathError(f"--device {spec!r}: expected cpu, cuda or auto")
+    return torch.device(spec)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def inverse_frequency_weights(labels: list[str] | np.ndarray) -> np.ndarray:
+    """Cross-entropy class weights n / (k * n_c), in CLASSES order; absent classes get weight 0."""
+    labels = np.asarray(labels)
+    counts = np.array([(labels == c).sum() for c in CLASSES], dtype=np.float64)
+    present = counts > 0
+    w = np.zeros(len(CLASSES))
+    w[present] = len(labels) / (present.sum() * counts[present])
+    return w
+
+
+def wsi_model_id(magnification: float, fold: int, epoch: int) -> str:
+    fold_part = "all" if fold < 0 else f"fold{fold}"
+    return f"wsi-mag{float(magnification):g}-{fold_part}-e{epoch}"
+
+
+def mri_model_id(fold: int, epoch: int) -> str:
+    fold_part = "all" if fold < 0 else f"fold{fold}"
+    return f"mri-{fold_part}-e{epoch}"
+
+
+def save_checkpoint(store, model_id: str, state_dict: dict, config: dict) -> None:
+    """Write `models/<model_id>/` (weights then config; config.json last marks it complete)."""
+    from safetensors.torch import save
+
+    check_name(model_id, "model id")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    store.write_bytes(f"models/{model_id}/model.safetensors", save(tensors))
+    store.write_json(f"models/{model_id}/config.json", {"model_id": model_id, **config})
+
+
+def has_checkpoint(store, model_id: str) -> bool:
+    return store.exists(f"models/{check_name(model_id, 'model id')}/config.json")
+
+
+def load_checkpoint(store, model_id: str) -> tuple[dict, dict]:
+    """Return (state_dict, config). Only safetensors is read; a pickle is refused."""
+    check_name(model_id, "model id")
+    folder = f"models/{model_id}"
+    if not store.exists(f"{folder}/config.json"):
+        raise RadpathError(f"{store.path(folder)}: no such model (is the id right? see `radpath query`)")
+    config = store.read_json(f"{folder}/config.json")
+    data = store.fs.cat_file(store.path(f"{folder}/model.safetensors"))
+    return load_safetensors_bytes(data, store.path(f"{folder}/model.safetensors")), config
+
+
+def load_safetensors_bytes(data: bytes, source: str) -> dict:
+    from safetensors.torch import load
+
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+        raise InputError(source, "is a pickle/torch.save file; radpath loads safetensors only")
+    try:
+        return load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise InputError(source, f"not a valid safetensors file ({e})") from None
+
+
+def write_history(store, run_id: str, records: list[dict]) -> None:
+    """Per-epoch training history (loss, metrics) as `models/<run_id>/history.parquet`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame.from_records(records), preserve_index=False), buf)
+    store.write_bytes(f"models/{check_name(run_id, 'run id')}/history.parquet", buf.getvalue())
+
+
+def config_json(obj) -> dict:
+    """A pydantic section as plain JSON data (paths and tuples made JSON-safe)."""
+    return json.loads(obj.model_dump_json())
