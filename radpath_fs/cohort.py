@@ -1,0 +1,316 @@
+"""`radpath ingest`: scan a CPM-RadPath folder, validate what is cheap to check, write the cases table.
+
+Layout (DESIGN.md):
+    DATA/Pathology/<ID>.tiff|.tif|.svs
+    DATA/Radiology/<ID>/<ID>_{t1,t1ce,t2,flair}.nii.gz
+    labels CSV: CPM_RadPath_2019_ID,class,age_in_days
+
+Every invalid case yields one `InputError` naming the file and the problem. Without --skip-errors
+they are all reported and nothing is written; with it, the cases are kept as excluded rows with
+their reason, so the table says what was left out and why.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from radpath_fs import CLASSES, MODALITIES
+from radpath_fs.config import IngestConfig
+from radpath_fs.errors import BatchErrors, InputError, RadpathError, StoreError
+from radpath_fs.progress import info, progress_bar, warn
+from radpath_fs.store import Store, check_name
+
+SLIDE_SUFFIXES = (".tiff", ".tif", ".svs")
+LABEL_COLUMNS = ("CPM_RadPath_2019_ID", "class")
+PLAUSIBLE_MPP = (0.05, 50.0)
+_APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9.]+)")
+
+
+@dataclass
+class SlideInfo:
+    width: int
+    height: int
+    mpp: float | None
+
+
+@dataclass
+class CaseRecord:
+    case_id: str
+    label: str | None = None
+    age_in_days: float | None = None
+    slide_path: str | None = None
+    mri: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(MODALITIES))
+    slide: SlideInfo | None = None
+    errors: list[InputError] = field(default_factory=list)
+
+
+def cohort_of(case_id: str) -> str | None:
+    """CPM ids carry the source cohort: CPM19_CBICA_xxx or CPM19_TCIA01_xxx."""
+    for name in ("CBICA", "TCIA"):
+        if name in case_id.upper():
+            return name
+    return None
+
+
+def slide_mpp(image) -> float | None:
+    """µm/px of a slide opened with pyvips: Aperio `MPP =` in the description, else TIFF resolution.
+
+    libvips reports TIFF resolution in pixels per millimetre and 1.0 when the file has none, so
+    only a resolution with an explicit unit is trusted.
+    """
+    fields = set(image.get_fields())
+    for key in ("openslide.mpp-x", "aperio.MPP"):
+        if key in fields:
+            return float(image.get(key))
+    if "image-description" in fields:
+        m = _APERIO_MPP.search(str(image.get("image-description")))
+        if m:
+            return float(m.group(1))
+    if "resolution-unit" in fields and image.xres > 0:
+        mpp = 1000.0 / image.xres
+        # Writers that know no resolution store a placeholder (libvips: 1 px/mm = 1000 µm/px);
+        # anything outside what a microscope scans at is such a placeholder, not a measurement.
+        if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+            return mpp
+    return None
+
+
+def read_slide_info(path: Path) -> SlideInfo:
+    """Open a slide's header with pyvips and decode its last tile row, which catches truncation."""
+    import pyvips
+
+    if not path.is_file():
+        raise InputError(path, "slide file does not exist")
+    if path.stat().st_size == 0:
+        raise InputError(path, "slide file is empty (0 bytes)")
+    try:
+        # revalidate: libvips caches opened files by name, and the file may have changed since.
+        image = pyvips.Image.new_from_file(str(path), access="random", revalidate=True)
+        if image.bands < 3:
+            raise InputError(path, f"slide has {image.bands} band(s); an RGB slide is expected")
+        h = min(image.height, 256)
+        image.crop(0, image.height - h, image.width, h).avg()
+    except pyvips.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "libvips error"
+        raise InputError(path, f"unreadable or corrupt slide ({first})") from None
+    return SlideInfo(image.width, image.height, slide_mpp(image))
+
+
+def _check_mri(record: CaseRecord) -> None:
+    import nibabel as nib
+
+    shapes: dict[str, tuple] = {}
+    for mod, p in record.mri.items():
+        if p is None:
+            continue
+        try:
+            img = nib.load(p)
+            shape = tuple(int(s) for s in img.shape)
+            np.asanyarray(img.dataobj[..., -1:])  # the last slice ends the compressed stream: truncation shows here
+        except Exception as e:  # nibabel raises many types for bad files
+            record.errors.append(InputError(p, f"unreadable NIfTI volume ({type(e).__name__}: {e})"))
+            continue
+        if len(shape) != 3:
+            record.errors.append(InputError(p, f"expected a 3D volume, got shape {shape}"))
+            continue
+        shapes[mod] = shape
+    if len(set(shapes.values())) > 1:
+        first = next(iter(shapes))
+        for mod, shape in shapes.items():
+            if shape != shapes[first]:
+                record.errors.append(
+                    InputError(record.mri[mod], f"shape {shape} differs from {first}'s {shapes[first]}")
+                )
+
+
+def read_labels(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(path, "labels CSV does not exist")
+    try:
+        df = pd.read_csv(path, dtype={"CPM_RadPath_2019_ID": str, "class": str})
+    except Exception as e:
+        raise InputError(path, f"not a readable CSV ({e})") from None
+    missing = [c for c in LABEL_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(path, f"missing column(s) {missing}; expected {list(LABEL_COLUMNS)} (+ age_in_days)")
+    dup = df["CPM_RadPath_2019_ID"][df["CPM_RadPath_2019_ID"].duplicated()].tolist()
+    if dup:
+        raise InputError(path, f"duplicate id(s) {dup[:5]}")
+    bad = df[~df["class"].isin(CLASSES)]
+    if len(bad):
+        row = bad.iloc[0]
+        raise InputError(
+            path,
+            f"class {row['class']!r} for {row['CPM_RadPath_2019_ID']} (line {bad.index[0] + 2}) "
+            f"is not one of {list(CLASSES)}",
+        )
+    return df
+
+
+def scan(data: Path, labels: Path | None) -> list[CaseRecord]:
+    """Find every case named by a slide, an MRI folder or a label row."""
+    if not data.is_dir():
+        raise InputError(data, "data folder does not exist")
+    pathology, radiology = data / "Pathology", data / "Radiology"
+    if not pathology.is_dir() and not radiology.is_dir():
+        raise InputError(data, "neither Pathology/ nor Radiology/ found (CPM-RadPath layout expected)")
+    records: dict[str, CaseRecord] = {}
+
+    def record(case_id: str) -> CaseRecord:
+        return records.setdefault(case_id, CaseRecord(case_id))
+
+    if pathology.is_dir():
+        for p in sorted(pathology.iterdir()):
+            if p.suffix.lower() in SLIDE_SUFFIXES:
+                r = record(p.stem)
+                if r.slide_path is not None:
+                    r.errors.append(InputError(p, f"second slide for case {p.stem} (also {r.slide_path})"))
+                else:
+                    r.slide_path = str(p)
+    if radiology.is_dir():
+        for d in sorted(radiology.iterdir()):
+            if not d.is_dir():
+                continue
+            r = record(d.name)
+            for mod in MODALITIES:
+                found = [d / f"{d.name}_{mod}{ext}" for ext in (".nii.gz", ".nii")]
+                hit = next((f for f in found if f.exists()), None)
+                r.mri[mod] = str(hit) if hit else None
+            missing = [m for m in MODALITIES if r.mri[m] is None]
+            if missing and len(missing) < len(MODALITIES):
+                for m in missing:
+                    r.errors.append(InputError(d / f"{d.name}_{m}.nii.gz", "missing MRI modality"))
+            elif len(missing) == len(MODALITIES):
+                r.errors.append(InputError(d, "MRI folder holds none of the four modalities"))
+    if labels is not None:
+        df = read_labels(labels)
+        for row in df.to_dict("records"):
+            r = record(str(row["CPM_RadPath_2019_ID"]))
+            r.label = row["class"]
+            age = row.get("age_in_days")
+            r.age_in_days = None if age is None or pd.isna(age) else float(age)
+    for r in records.values():
+        try:
+            check_name(r.case_id, "case id")
+        except StoreError as e:
+            r.errors.insert(0, InputError(r.slide_path or data, str(e)))
+        if r.slide_path is None and all(v is None for v in r.mri.values()):
+            r.errors.append(InputError(labels or data, f"case {r.case_id} has a label but no slide and no MRI"))
+    return [records[k] for k in sorted(records)]
+
+
+def assign_folds(labels: pd.Series, k: int, seed: int) -> np.ndarray:
+    """Stratified, seeded folds for labelled cases; -1 for the rest."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = np.full(len(labels), -1, dtype=np.int32)
+    idx = np.flatnonzero(labels.notna().to_numpy())
+    if len(idx) == 0:
+        return folds
+    y = labels.iloc[idx].to_numpy()
+    smallest = pd.Series(y).value_counts().min()
+    if len(idx) < k:
+        raise RadpathError(f"{len(idx)} labelled case(s) cannot be split into {k} folds (--folds)")
+    if smallest < k:
+        warn(f"the smallest class has {smallest} case(s), fewer than {k} folds: some folds will lack it")
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if smallest >= 2 else None
+    if splitter is None:  # StratifiedKFold needs two members per class
+        rng = np.random.default_rng(seed)
+        folds[idx] = rng.permutation(np.arange(len(idx)) % k)
+        return folds
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
+            folds[idx[test]] = fold
+    return folds
+
+
+def cases_frame(records: list[CaseRecord], cfg: IngestConfig, unlabelled_split: str) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        s = r.slide
+        rows.append(
+            {
+                "case_id": r.case_id,
+                "label": r.label,
+                "split": "train" if r.label is not None else unlabelled_split,
+                "cohort": cohort_of(r.case_id),
+                "age_in_days": r.age_in_days,
+                "slide_path": r.slide_path,
+                "slide_width": s.width if s else None,
+                "slide_height": s.height if s else None,
+                "slide_mpp": s.mpp if s else None,
+                **{f"mri_{m}": r.mri[m] for m in MODALITIES},
+                "has_slide": r.slide_path is not None,
+                "has_mri": all(r.mri[m] is not None for m in MODALITIES),
+                "excluded": bool(r.errors),
+                "exclusion_reason": "; ".join(str(e) for e in r.errors) or None,
+            }
+        )
+    df = pd.DataFrame(rows)
+    df["fold"] = -1
+    kept = ~df["excluded"]
+    df.loc[kept, "fold"] = assign_folds(df.loc[kept, "label"].reset_index(drop=True), cfg.folds, cfg.seed)
+    df["fold"] = df["fold"].astype("int32")
+    for col in ("slide_width", "slide_height"):
+        df[col] = df[col].astype("Int64")
+    df["slide_mpp"] = df["slide_mpp"].astype("float64")
+    df["age_in_days"] = df["age_in_days"].astype("float64")
+    return df
+
+
+def ingest(
+    store_url: str,
+    data: Path,
+    labels: Path | None,
+    cfg: IngestConfig,
+    unlabelled_split: str = "val",
+) -> pd.DataFrame:
+    """Validate the cohort at `data` and write `tables/cases.parquet`; returns the table."""
+    if unlabelled_split not in ("val", "test"):
+        raise RadpathError(f"--unlabelled-split {unlabelled_split!r}: expected val or test")
+    data, labels = Path(data), (Path(labels) if labels else None)
+    records = scan(data, labels)
+    if not records:
+        raise InputError(data, "no cases found")
+    with progress_bar("validating cases", total=len(records)) as advance:
+        for r in records:
+            if r.slide_path is not None:
+                try:
+                    r.slide = read_slide_info(Path(r.slide_path))
+                    if r.slide.mpp is None:
+                        if cfg.default_mpp is None:
+                            raise InputError(
+                                r.slide_path,
+                                "µm/px unknown: no Aperio MPP and no TIFF resolution; pass --default-mpp",
+                            )
+                        r.slide.mpp = cfg.default_mpp
+                except InputError as e:
+                    r.errors.append(e)
+            if any(v is not None for v in r.mri.values()):
+                _check_mri(r)
+            advance()
+    errors = [e for r in records for e in r.errors]
+    if errors and not cfg.skip_errors:
+        raise BatchErrors(errors)
+    df = cases_frame(records, cfg, unlabelled_split)
+    store = Store(store_url, create=True)
+    with store.lock("ingest"):
+        store.write_table("cases", df)
+    for e in errors:
+        warn(f"excluded: {e}")
+    kept = df[~df["excluded"]]
+    counts = kept["label"].value_counts().reindex(list(CLASSES), fill_value=0)
+    info(
+        f"ingested {len(kept)} case(s) ({', '.join(f'{c} {n}' for c, n in counts.items())}, "
+        f"{kept['label'].isna().sum()} unlabelled; {int(kept['has_slide'].sum())} slides, "
+        f"{int(kept['has_mri'].sum())} MRI), {int(df['excluded'].sum())} excluded -> {store.path('tables/cases.parquet')}"
+    )
+    return df

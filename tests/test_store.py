@@ -1,0 +1,112 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from radpath_fs.errors import StoreError, StoreLockedError
+from radpath_fs.store import LAYOUT_VERSION, LOCK_NAME, Store, check_name, mag_key
+
+
+def test_create_and_open(tmp_path):
+    s = Store(tmp_path / "st", create=True)
+    assert json.loads((tmp_path / "st/store.json").read_text())["layout_version"] == LAYOUT_VERSION
+    Store(tmp_path / "st")  # opens
+    with pytest.raises(StoreError, match="not a radpath store"):
+        Store(tmp_path / "nothing")
+    (tmp_path / "st/store.json").write_text(json.dumps({"layout_version": 99}))
+    with pytest.raises(StoreError, match="layout version 99"):
+        Store(tmp_path / "st")
+    assert s.url.endswith("st")
+
+
+def test_tables_are_written_atomically_and_read_back(tmp_path):
+    s = Store(tmp_path, create=True)
+    df = pd.DataFrame({"a": [1, 2], "b": ["x", None]})
+    s.write_table("cases", df)
+    s.write_table("predictions/m1--oof", df)
+    pd.testing.assert_frame_equal(s.read_table("cases"), df)
+    assert s.list_tables("predictions") == ["predictions/m1--oof"]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+    assert leftovers == []
+    with pytest.raises(StoreError, match="does not exist yet"):
+        s.read_table("tiles")
+
+
+def test_fsspec_memory_store_round_trip():
+    s = Store("memory://radpath-test-store", create=True)
+    s.write_table("cases", pd.DataFrame({"x": [1.5]}))
+    assert s.read_table("cases")["x"].tolist() == [1.5]
+    with s.lock("test"):
+        assert s.fs.exists(s.path(LOCK_NAME))
+    assert not s.fs.exists(s.path(LOCK_NAME))
+
+
+@pytest.mark.parametrize("bad", ["../up", "/abs", ".hidden", "a/b", "", "x" * 300, "a..b", "sp ace"])
+def test_unsafe_names_are_refused(bad):
+    with pytest.raises(StoreError, match="not safe as a path component"):
+        check_name(bad)
+
+
+def test_mag_key():
+    assert (mag_key(20), mag_key(2.5), mag_key(40.0)) == ("20", "2.5", "40")
+
+
+def test_groups_are_complete_only_when_marked(tmp_path):
+    s = Store(tmp_path, create=True)
+    assert not s.group_is_complete("tiles.zarr", "c1/20")
+    g = s.fresh_group("tiles.zarr", "c1/20")
+    g.create_array("coords", shape=(2, 2), dtype="int64")
+    assert not s.group_is_complete("tiles.zarr", "c1/20")
+    g.attrs["complete"] = True
+    assert s.group_is_complete("tiles.zarr", "c1/20")
+    s.fresh_group("tiles.zarr", "c1/20")  # a redo starts empty
+    assert not s.group_is_complete("tiles.zarr", "c1/20")
+    assert "coords" not in s.open_group("tiles.zarr", "c1/20")
+
+
+def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
+    s = Store(tmp_path, create=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; from radpath_fs.store import Store; s=Store(sys.argv[1]);\n"
+         "with s.lock('tile'):\n    print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(StoreLockedError) as e:
+            with s.lock("embed"):
+                pass
+        assert time.monotonic() - t0 < 2
+        msg = str(e.value)
+        assert f"pid {holder.pid}" in msg and socket.gethostname() in msg and "(tile)" in msg
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock is stale and is cleared by the next writer.
+    assert (tmp_path / LOCK_NAME).exists()
+    with s.lock("embed"):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_unreadable_lock_file_is_treated_as_stale(tmp_path):
+    s = Store(tmp_path, create=True)
+    (tmp_path / LOCK_NAME).write_text('{"pid": 12')  # cut short by a crash
+    with s.lock("x"):
+        pass
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_lock_from_another_host_is_respected(tmp_path):
+    s = Store(tmp_path, create=True)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "t", "command": "tile"}))
+    with pytest.raises(StoreLockedError, match="on host elsewhere"):
+        with s.lock("x"):
+            pass
