@@ -76,6 +76,11 @@ class TileConfig(Section):
     zstd_level: int = Field(1, ge=1, le=22)
     jpeg_quality: int = Field(95, ge=1, le=100)
     tiles_per_shard: int = Field(64, ge=1)
+    # Relative slack when matching µm/px: a slide at 0.499 µm/px is native 20x, and 10x is then an
+    # exact 2x box shrink of it. Finer than native by more than this: skipped (never upsampled).
+    mpp_tolerance: float = Field(0.05, ge=0, lt=0.5)
+    # libvips reduce kernel for each 2x step of the pyramid (and any other downsampling).
+    downsample_kernel: Literal["linear", "cubic", "mitchell", "lanczos2", "lanczos3"] = "lanczos3"
 
     @field_validator("magnifications")
     @classmethod
@@ -89,6 +94,7 @@ class EmbedConfig(Section):
     name: str = "efficientnet_b0"
     weights: Path | None = None
     pretrained: bool = False
+    seed: int = 0  # draws the weights when there is no weights file and pretrained is false
     crop: Literal["center", "resize"] = "center"
     input_size: int = Field(224, ge=8)
     normalization: Literal["dataset", "imagenet"] = "dataset"
@@ -141,6 +147,10 @@ class WSITrainConfig(SnapshotMixin):
     class_weighting: Literal["inverse_frequency", "none"] = "inverse_frequency"
     head: HeadConfig = HeadConfig()
     folds: list[int] | None = None  # None: every fold of the cases table
+    # Finetune data loading: threads reading tiles.zarr (None: one per CPU core, at most 16) and
+    # how many batches they read ahead of the GPU. Neither changes the result.
+    loader_threads: int | None = Field(None, ge=0)
+    prefetch_batches: int = Field(4, ge=1)
 
 
 class PredictConfig(Section):
@@ -170,6 +180,15 @@ class MRITrainConfig(SnapshotMixin):
     batch_size: int = Field(3, ge=1)
     class_weighting: Literal["inverse_frequency", "none"] = "inverse_frequency"
     folds: list[int] | None = None
+    eval_batch_size: int = Field(8, ge=1)
+    # Where the random zoom/rotation/elastic run: "loader" in DataLoader worker processes on the
+    # CPU, "device" on the training device in the main process; "auto" = device on CUDA (the CPU
+    # elastic deformation of a 128^3 volume takes ~2 s a core), loader on the CPU.
+    augment_on: Literal["auto", "loader", "device"] = "auto"
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; None: 0 on CPU, up to 12 on CUDA")
+    # channels_last_3d on CUDA (ignored on the CPU). Off: DenseNet169-3D bf16 training at 128^3,
+    # batch 3, ran 31.2 volumes/s channels_last vs 40.9 contiguous on an H200 (gpu_mri.py).
+    channels_last: bool = False
 
     @field_validator("modalities")
     @classmethod
@@ -185,7 +204,17 @@ class FusionConfig(Section):
     prune: int = Field(2, ge=0)
     metric: Literal["balanced_accuracy", "kappa", "f1_micro", "f1_macro"] = "balanced_accuracy"
     bootstrap: int = Field(1000, ge=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
     ablations: bool = True
+    seed: int = 0
+    # Nested CV: selection/stacking is redone on the training cases of each outer fold.
+    outer_folds: int = Field(5, ge=2)
+    # Caruana et al. 2004 ensemble selection (method greedy / the "selected" ablation).
+    greedy_iterations: int = Field(25, ge=0)
+    greedy_bags: int = Field(20, ge=1)
+    greedy_bag_fraction: float = Field(0.5, gt=0, le=1)
+    # The stacker of the "stacked" ablation row.
+    stacker: Literal["stack_lr", "stack_xgb"] = "stack_lr"
 
 
 class ReportConfig(Section):

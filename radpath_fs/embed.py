@@ -1,0 +1,769 @@
+"""Stage one, second half: tile embeddings with any timm model, cached in embeddings.zarr.
+
+- `create_embedder(name, weights=None, pretrained=False)`: a timm model without its classifier
+  (``num_classes=0``), ``.num_features`` = L. Weights come from a local .safetensors/.pth state
+  dict (tensors only: safetensors or ``torch.load(weights_only=True)``), from timm's own source
+  when asked (``pretrained=True``, online machines), or are random from a seed.
+- `embedder_id(cfg)`: the store name of an embedder, encoding model, weights and transform,
+  e.g. ``efficientnet_b0-random-s0-c224-dataset`` or ``efficientnet_b0-w3fa2c1d9e0b7-c224-imagenet``.
+- `tile_normalization(store, mags)`: per-channel mean/std of the training tiles, by a streaming
+  Dask reduction over tiles.zarr; exact integer moments per magnification are cached in the store.
+- `embed_store(store, cfg)`: one task per slide over any scheduler (`radpath_fs.scheduler`); each
+  writes ``embeddings.zarr/<embedder_id>/<case>/<mag>``, (n, L), marked complete last. Reading
+  the next batches from Zarr runs in background threads while the model runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radpath_fs.config import EmbedConfig
+from radpath_fs.errors import ConfigError, InputError, StoreError
+from radpath_fs.progress import info, warn
+from radpath_fs.store import COMPLETE, Store, check_name, mag_key
+from radpath_fs.tilestore import TILES, tile_group_path
+from radpath_fs.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+EMBEDDINGS = "embeddings.zarr"
+MOMENTS_JSON = "stats/tile_moments.json"
+NORMALIZATION_JSON = "stats/tile_normalization.json"
+# Rows per chunk of an embedding array: a whole bag of up to ~6.5k float16 1280-d vectors is one
+# chunk (16 MiB); bigger bags read as a few large chunks.
+_CHUNK_BYTES = 16 * 2**20
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+# ---- embedders ---------------------------------------------------------------------------------
+def create_embedder(
+    name: str = "efficientnet_b0",
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    *,
+    seed: int = 0,
+    **kwargs: Any,
+):
+    """A timm model `name` with the classifier removed; `.num_features` is the embedding size L.
+
+    `weights`: a local state dict (.safetensors, or .pth/.pt/.bin read with ``weights_only``);
+    classifier keys in it are ignored, any other mismatch is an InputError naming the file and
+    the first offending keys. `pretrained=True` downloads through timm (only when asked).
+    Otherwise the weights are timm's random initialisation drawn from `seed` (reproducible).
+    Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_rate``).
+    """
+    import timm
+    import torch
+
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"embed.name {name!r}: not a timm model (`python -c \"import timm; print(timm.list_models('*b0*'))\"` lists them)"
+        )
+    if weights is not None and pretrained:
+        raise ConfigError("embed: give either weights (a local file) or pretrained=True, not both")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict:
+    import torch
+
+    if not path.is_file():
+        raise InputError(path, "weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(path, f"not a readable safetensors file ({e})") from None
+    if path.suffix not in _WEIGHT_SUFFIXES:
+        raise InputError(path, f"unknown weights format; expected one of {', '.join(_WEIGHT_SUFFIXES)}")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for non-tensor pickles, RuntimeError for non-zip files
+        raise InputError(
+            path, f"not a state dict of tensors loadable with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    # Training checkpoints often wrap the state dict.
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(path, "does not hold a state dict (a mapping of parameter names to tensors)")
+    return obj
+
+
+def load_weights(model, weights: str | os.PathLike) -> None:
+    """Load a local state dict into a timm model made with ``num_classes=0``; strict apart from the classifier."""
+    path = Path(weights)
+    state = _read_state_dict(path)
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier or ()))
+    if prefixes:
+        state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file vs {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        arch = type(model).__name__
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (first: {shapes[0]})")
+        raise InputError(path, f"weights do not fit the {arch} embedder: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def weights_hash(path: str | os.PathLike | None) -> str:
+    """First 12 hex digits of the SHA-256 of a weights file; ``"random"`` for no file."""
+    if path is None:
+        return "random"
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise InputError(p, "weights file not found") from None
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()[:12]
+    return _HASHES[key]
+
+
+def embedder_id(cfg: EmbedConfig) -> str:
+    """The store name of an embedder: model, weights, transform (crop and size), normalisation.
+
+    Weights part: ``w<sha256[:12]>`` for a file, ``pretrained`` for timm's source, ``random-s<seed>``.
+    Transform part: ``c224`` (center crop) or ``r224`` (resize).
+    """
+    if cfg.weights is not None:
+        wpart = "w" + weights_hash(cfg.weights)
+    elif cfg.pretrained:
+        wpart = "pretrained"
+    else:
+        wpart = f"random-s{cfg.seed}"
+    tpart = f"{'c' if cfg.crop == 'center' else 'r'}{cfg.input_size}"
+    return check_name(f"{cfg.name}-{wpart}-{tpart}-{cfg.normalization}", "embedder id")
+
+
+def embedder_record(cfg: EmbedConfig) -> dict:
+    """What identifies the model half of an embedding (the transform records the rest)."""
+    import timm
+    import torch
+
+    return {
+        "embedder_id": embedder_id(cfg),
+        "model": cfg.name,
+        "weights": None if cfg.weights is None else str(cfg.weights),
+        "weights_hash": weights_hash(cfg.weights),
+        "pretrained": cfg.pretrained,
+        "seed": cfg.seed,
+        "normalization": cfg.normalization,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+    }
+
+
+# ---- normalisation -----------------------------------------------------------------------------
+def _tile_pixels(store: Store, case_id: str, magnification: float):
+    """The lazy `pixels` array of a tile group, (n, T, T, 3) uint8.
+
+    `tilestore.read_tiles` returns whole tiles in memory; the embedder streams batches and reads
+    only the center crop out of each, so it opens the array itself (importing tilestore above
+    registers the JPEG tile codec).
+    """
+    return store.open_group(TILES, tile_group_path(case_id, magnification), mode="r")["pixels"]
+
+
+def _tile_groups(store: Store, case_id: str, magnifications: list[float] | None) -> list[str]:
+    """Mag keys of the tile groups of a case (those asked for, or all), complete or not."""
+    import zarr
+
+    try:
+        g = zarr.open_group(store=store.zarr_store(TILES), path=case_id, mode="r")
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return []
+    present = sorted(g.group_keys(), key=float)
+    if magnifications is None:
+        return present
+    wanted = {mag_key(m) for m in magnifications}
+    return [k for k in present if k in wanted]
+
+
+def _train_cases(store: Store) -> list[str]:
+    cases = store.cases()
+    return sorted(cases.loc[cases["split"] == "train", "case_id"].astype(str))
+
+
+def _pixel_moments(x) -> tuple:
+    """Dask graph of (count, sum, sum of squares) per channel of uint8 (..., 3) pixels, exact."""
+    import dask.array as da
+
+    axes = tuple(range(x.ndim - 1))
+    s = x.sum(axis=axes, dtype=np.uint64)
+    # 255**2 fits uint16, so squares are exact without widening the pixels to 8 bytes.
+    ss = da.map_blocks(np.square, x.astype(np.uint16), dtype=np.uint16).sum(axis=axes, dtype=np.uint64)
+    return s, ss
+
+
+def tile_moments(store: Store, magnifications: list[float] | None = None, *, scheduler: str = "threads") -> dict:
+    """Per magnification, exact pixel moments of the training tiles: {mag_key: {n, sum, sumsq, cases}}.
+
+    Cached in ``stats/tile_moments.json``; an entry is reused while the set of training tile
+    groups (case ids and tile counts) is unchanged, and recomputed otherwise.
+    """
+    import dask
+    import dask.array as da
+
+    train = _train_cases(store)
+    groups: dict[str, list[tuple[str, int]]] = {}
+    arrays: dict[str, list] = {}
+    for case in train:
+        for mk in _tile_groups(store, case, magnifications):
+            if not store.group_is_complete(TILES, f"{case}/{mk}"):
+                continue
+            px = _tile_pixels(store, case, float(mk))
+            groups.setdefault(mk, []).append((case, int(px.shape[0])))
+            arrays.setdefault(mk, []).append(px)
+    wanted = [mag_key(m) for m in magnifications] if magnifications is not None else sorted(groups, key=float)
+    missing = [mk for mk in wanted if mk not in groups]
+    if missing or not wanted:
+        raise StoreError(
+            f"{store.path(TILES)}: no complete tile groups of training cases (split 'train') at "
+            f"magnification(s) {', '.join(missing) or 'any'}; run `radpath tile` first, or use "
+            "embed.normalization: imagenet"
+        )
+    cache = store.read_json(MOMENTS_JSON) if store.exists(MOMENTS_JSON) else {}
+    result, todo = {}, []
+    for mk in wanted:
+        key = hashlib.sha256(repr(groups[mk]).encode()).hexdigest()[:16]
+        hit = cache.get(mk)
+        if hit is not None and hit.get("groups_hash") == key:
+            result[mk] = hit
+        else:
+            todo.append((mk, key))
+    if todo:
+        graphs = []
+        for mk, _ in todo:
+            per_group = [_pixel_moments(da.from_zarr(a)) for a in arrays[mk] if a.shape[0] > 0]
+            graphs.append(per_group)
+        computed = dask.compute(graphs, scheduler=scheduler)[0]
+        for (mk, key), per_group in zip(todo, computed, strict=True):
+            s = sum((np.asarray(p[0], dtype=np.uint64) for p in per_group), np.zeros(3, np.uint64))
+            ss = sum((np.asarray(p[1], dtype=np.uint64) for p in per_group), np.zeros(3, np.uint64))
+            px = _tile_pixels(store, groups[mk][0][0], float(mk))
+            n = sum(c for _, c in groups[mk]) * int(px.shape[1]) * int(px.shape[2])
+            result[mk] = {
+                "n": int(n),
+                "sum": [int(v) for v in s],
+                "sumsq": [int(v) for v in ss],
+                "cases": len(groups[mk]),
+                "groups_hash": key,
+            }
+        cache = store.read_json(MOMENTS_JSON) if store.exists(MOMENTS_JSON) else {}
+        cache.update({mk: result[mk] for mk, _ in todo})
+        store.write_json(MOMENTS_JSON, cache)
+    return result
+
+
+def tile_normalization(
+    store: Store | str, magnifications: list[float] | None = None, *, scheduler: str = "threads"
+) -> tuple[list[float], list[float]]:
+    """Per-channel (mean[3], std[3]) of the training tiles at `magnifications` (all if None), in [0, 1].
+
+    Pixels of every training tile (cases with split 'train') at those magnifications are pooled.
+    The result is also written to ``stats/tile_normalization.json`` keyed by the magnifications.
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    moments = tile_moments(store, magnifications, scheduler=scheduler)
+    n = sum(m["n"] for m in moments.values())
+    if n == 0:
+        raise StoreError(f"{store.path(TILES)}: the training tiles hold no pixels; cannot compute normalisation")
+    s = np.array([sum(m["sum"][c] for m in moments.values()) for c in range(3)], dtype=np.float64)
+    ss = np.array([sum(m["sumsq"][c] for m in moments.values()) for c in range(3)], dtype=np.float64)
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
+    mean, std = (mean / 255.0).tolist(), (std / 255.0).tolist()
+    if min(std) <= 0:
+        raise StoreError(f"{store.path(TILES)}: the training tiles have a constant channel; use embed.normalization: imagenet")
+    key = ",".join(sorted(moments, key=float))
+    table = store.read_json(NORMALIZATION_JSON) if store.exists(NORMALIZATION_JSON) else {}
+    entry = {"mean": mean, "std": std, "pixels": int(n), "magnifications": key}
+    if table.get(key) != entry:
+        table[key] = entry
+        store.write_json(NORMALIZATION_JSON, table)
+    return mean, std
+
+
+def normalization_stats(store: Store, cfg: EmbedConfig, magnifications: list[float] | None) -> tuple[list[float], list[float]]:
+    """The (mean, std) a transform uses: ImageNet's, or the training tiles' at those magnifications."""
+    if cfg.normalization == "imagenet":
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return tile_normalization(store, magnifications)
+
+
+# ---- reading embeddings ------------------------------------------------------------------------
+def _embedding_path(embedder: str, case_id: str, magnification: float) -> str:
+    return f"{check_name(embedder, 'embedder id')}/{check_name(case_id, 'case id')}/{mag_key(magnification)}"
+
+
+def _open_embedding(store: Store, embedder: str, case_id: str, magnification: float):
+    import zarr
+
+    path = _embedding_path(embedder, case_id, magnification)
+    try:
+        return zarr.open_array(store=store.zarr_store(EMBEDDINGS), path=path, mode="r")
+    except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+
+
+def embedding_is_complete(store: Store, embedder: str, case_id: str, magnification: float) -> bool:
+    arr = _open_embedding(store, embedder, case_id, magnification)
+    return arr is not None and bool(arr.attrs.get(COMPLETE, False))
+
+
+def read_embeddings(store: Store | str, embedder: str, case_id: str, magnification: float, dtype=None) -> np.ndarray:
+    """The (n, L) embeddings of a slide at a magnification (stored dtype unless `dtype`)."""
+    store = store if isinstance(store, Store) else Store(store)
+    arr = _open_embedding(store, embedder, case_id, magnification)
+    where = store.path(EMBEDDINGS, _embedding_path(embedder, case_id, magnification))
+    if arr is None:
+        raise StoreError(f"{where}: no embeddings (run `radpath embed` with this embedder first)")
+    if not arr.attrs.get(COMPLETE, False):
+        raise StoreError(f"{where}: embeddings incomplete (an interrupted run); rerun `radpath embed`")
+    out = arr[...]
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def embedding_attrs(store: Store, embedder: str, case_id: str, magnification: float) -> dict:
+    arr = _open_embedding(store, embedder, case_id, magnification)
+    if arr is None:
+        raise StoreError(f"{store.path(EMBEDDINGS, _embedding_path(embedder, case_id, magnification))}: no embeddings")
+    return dict(arr.attrs)
+
+
+# ---- batched inference -------------------------------------------------------------------------
+class _TileBatches:
+    """Map-style dataset of tile batches: item i = (group index, start row, uint8 tensor).
+
+    Picklable (a store URL and group names), so DataLoader worker processes open the arrays
+    themselves; only the `region` (the center crop) of each tile is copied out.
+    """
+
+    def __init__(self, store_url: str, groups: list[tuple[str, str]], regions: list, batch_size: int, sizes: list[int]):
+        self.store_url, self.groups, self.regions = store_url, groups, regions
+        self.work = [
+            (gi, start, min(start + batch_size, n)) for gi, n in enumerate(sizes) for start in range(0, n, batch_size)
+        ]
+        self._arrays: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _arrays={}, _lock=threading.Lock())
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def _pixels(self, gi: int):
+        with self._lock:
+            if gi not in self._arrays:
+                case_id, mk = self.groups[gi]
+                self._arrays[gi] = _tile_pixels(Store(self.store_url), case_id, float(mk))
+            return self._arrays[gi]
+
+    def __getitem__(self, i: int):
+        import torch
+
+        gi, start, stop = self.work[i]
+        pixels, region = self._pixels(gi), self.regions[gi]
+        if region is None:
+            arr = pixels[start:stop]
+        else:
+            a, b = region
+            arr = pixels[start:stop, a:b, a:b]
+        return gi, start, torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class BatchReader:
+    """Reads the tiles of a run of groups in batches, in order, ahead of the model.
+
+    The stream runs across group (bag) boundaries, so the next slide is read while the model
+    finishes the last one. Zarr decodes with one event loop per process, whose per-chunk Python
+    work caps a process at about a thousand 512 px tiles/s; `processes` > 0 spreads reading over
+    DataLoader worker processes (shared-memory batches, pinned by DataLoader for an asynchronous
+    host-to-device copy). With `processes=0` (or inside a daemonic Dask worker, which may not
+    fork) `threads` threads read in this process. Yields (group index, start row, batch).
+    """
+
+    def __init__(self, store_url: str, groups: list[tuple[str, str]], regions: list, sizes: list[int],
+                 batch_size: int, *, processes: int = 0, threads: int = 2, depth: int = 3, pin: bool = False):
+        import multiprocessing
+
+        self.data = _TileBatches(store_url, groups, regions, batch_size, sizes)
+        self.processes = processes if not multiprocessing.current_process().daemon else 0
+        self.threads, self.depth, self.pin = max(1, threads), max(1, depth), pin
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
+        if self.processes > 0 and len(self.data) > 1:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(
+                self.data, batch_size=None, shuffle=False, num_workers=min(self.processes, len(self.data)),
+                pin_memory=self.pin, prefetch_factor=self.depth,
+            )
+            yield from loader
+            return
+        with cf.ThreadPoolExecutor(self.threads, thread_name_prefix="radpath-read") as pool:
+            pending = [pool.submit(self._read, i) for i in range(min(self.depth, len(self.data)))]
+            nxt = len(pending)
+            try:
+                while pending:
+                    item = pending.pop(0).result()
+                    if nxt < len(self.data):
+                        pending.append(pool.submit(self._read, nxt))
+                        nxt += 1
+                    yield item
+            finally:
+                for f in pending:
+                    f.cancel()
+
+    def _read(self, i: int):
+        gi, start, batch = self.data[i]
+        return gi, start, (batch.pin_memory() if self.pin else batch)
+
+
+class Embedder:
+    """A model on a device, run the way the device wants.
+
+    CUDA: channels_last, bf16 autocast, optional torch.compile (static shapes: a short last batch
+    is padded), results copied back one batch late so the GPU always has the next batch queued.
+    CPU: fp32, inference mode.
+    """
+
+    def __init__(self, model, device, *, compile: bool = False, batch_size: int | None = None):
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        model = model.eval().to(self.device)
+        if self.cuda:
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.num_features = model.num_features
+        self.model = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
+        self.pad_to = batch_size if compile else None
+        self.precision = "bf16-autocast" if self.cuda else "fp32"
+
+    def forward(self, tiles, transform):
+        """uint8 (B, T, T, 3) tiles already on the device -> (B, L) features."""
+        import torch
+
+        b = tiles.shape[0]
+        if self.pad_to and b < self.pad_to:
+            tiles = torch.cat([tiles, tiles.new_zeros((self.pad_to - b, *tiles.shape[1:]))])
+        x = transform(tiles)
+        if self.cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(x)[:b]
+        return self.model(x)[:b]
+
+    def run(self, reader: BatchReader, sizes: list[int], transforms: list, out_dtype, on_group, advance=None) -> None:
+        """Embed every batch of `reader`; `on_group(gi, (n, L) array)` as soon as a group is done."""
+        import torch
+
+        tdtype = torch.float16 if np.dtype(out_dtype) == np.float16 else torch.float32
+        outs = [np.empty((n, self.num_features), dtype=out_dtype) for n in sizes]
+        left = list(sizes)
+        transforms = [t.to(self.device) for t in transforms]
+        for gi, n in enumerate(sizes):
+            if n == 0:
+                on_group(gi, outs[gi])
+
+        def collect(gi, start, feats, event):
+            if event is not None:
+                event.synchronize()
+            rows = feats.shape[0]
+            outs[gi][start : start + rows] = feats.numpy()
+            left[gi] -= rows
+            if advance is not None:
+                advance(rows)
+            if left[gi] == 0:
+                on_group(gi, outs[gi])
+                outs[gi] = None
+
+        pending = None
+        with torch.inference_mode():
+            for gi, start, batch in reader:
+                feats = self.forward(batch.to(self.device, non_blocking=True), transforms[gi]).to(tdtype)
+                if not self.cuda:
+                    collect(gi, start, feats, None)
+                    continue
+                host = torch.empty(feats.shape, dtype=tdtype, pin_memory=True)
+                host.copy_(feats, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                if pending is not None:
+                    collect(*pending)
+                pending = (gi, start, host, event)
+            if pending is not None:
+                collect(*pending)
+
+
+_EMBEDDERS: dict[tuple, Embedder] = {}
+_EMBEDDERS_LOCK = threading.Lock()
+
+
+def _cached_embedder(cfg: EmbedConfig, device) -> Embedder:
+    """One model per process (per embedder id and device): a worker builds it once."""
+    key = (embedder_id(cfg), str(device), cfg.compile, cfg.batch_size)
+    with _EMBEDDERS_LOCK:
+        if key not in _EMBEDDERS:
+            model = create_embedder(cfg.name, cfg.weights, cfg.pretrained, seed=cfg.seed)
+            _EMBEDDERS[key] = Embedder(model, device, compile=cfg.compile, batch_size=cfg.batch_size)
+        return _EMBEDDERS[key]
+
+
+def _chunk_rows(n_features: int, itemsize: int) -> int:
+    return max(1, _CHUNK_BYTES // (n_features * itemsize))
+
+
+def _write_embedding(store: Store, path: str, data: np.ndarray, attrs: dict) -> None:
+    """Write one (n, L) array, then mark it complete (overwriting an earlier incomplete one)."""
+    import zarr
+
+    rows = min(max(1, data.shape[0]), _chunk_rows(data.shape[1], data.dtype.itemsize))
+    arr = zarr.create_array(
+        store.zarr_store(EMBEDDINGS), name=path, shape=data.shape, dtype=data.dtype,
+        chunks=(rows, data.shape[1]), overwrite=True, attributes={COMPLETE: False},
+    )
+    if data.shape[0]:
+        arr[...] = data
+    arr.attrs.update({**attrs, COMPLETE: True})
+
+
+def embed_cases(
+    case_ids: list[str],
+    *,
+    store_url: str,
+    cfg: dict,
+    mag_keys: list[str],
+    stats: dict[str, tuple[list[float], list[float]]],
+    device: str = "cpu",
+    torch_threads: int | None = None,
+    read_processes: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Embed every complete tile group of some slides in one stream (a pure task: explicit inputs,
+    and it writes only these slides' arrays).
+
+    Returns a small summary {written: [[case, mag]], skipped: [...], incomplete_tiles: [...], tiles: n}.
+    """
+    import torch
+
+    from radpath_fs.progress import progress_bar
+    from radpath_fs.training import resolve_device
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    store = Store(store_url)
+    ecfg = EmbedConfig.model_validate(cfg)
+    eid = embedder_id(ecfg)
+    dev = resolve_device(device)
+    summary: dict[str, Any] = {"written": [], "skipped": [], "incomplete_tiles": [], "tiles": 0}
+    todo = []  # (case, mag key, pixels, transform)
+    for case_id in case_ids:
+        for mk in _tile_groups(store, case_id, [float(m) for m in mag_keys]):
+            if not store.group_is_complete(TILES, f"{case_id}/{mk}"):
+                summary["incomplete_tiles"].append([case_id, mk])
+                continue
+            transform = eval_transform(ecfg, *stats[mk])
+            old = _open_embedding(store, eid, case_id, float(mk))
+            if old is not None and old.attrs.get(COMPLETE, False):
+                if old.attrs.get("transform") == transform.record():
+                    summary["skipped"].append([case_id, mk])
+                    continue
+                warn(f"{store.path(EMBEDDINGS, eid, case_id, mk)}: written with other normalisation statistics; recomputing")
+            todo.append((case_id, mk, _tile_pixels(store, case_id, float(mk)), transform))
+    if not todo:
+        return summary
+    emb = _cached_embedder(ecfg, dev)
+    regions = []
+    for _, _, pixels, _ in todo:
+        t = int(pixels.shape[1])
+        region = None
+        if ecfg.crop == "center" and t >= ecfg.input_size:
+            # Only the center crop is read out and sent to the device: the same pixels the
+            # transform would crop, a fifth of the bytes for 512 -> 224.
+            top = int(round((t - ecfg.input_size) / 2.0))
+            region = (top, top + ecfg.input_size)
+        regions.append(region)
+    sizes = [int(p.shape[0]) for _, _, p, _ in todo]
+    if read_processes is None:
+        # The GPU outruns one process's Zarr reading; on the CPU the model is the slow part.
+        read_processes = max(1, min(16, (os.cpu_count() or 1) - 2)) if emb.cuda else 0
+    reader = BatchReader(
+        store.url, [(c, mk) for c, mk, _, _ in todo], regions, sizes, ecfg.batch_size,
+        processes=read_processes, threads=2, depth=4 if read_processes else 2, pin=emb.cuda,
+    )
+    base = embedder_record(ecfg)
+
+    def write(gi: int, data: np.ndarray) -> None:
+        case_id, mk, pixels, transform = todo[gi]
+        attrs = {
+            **base,
+            "transform": transform.record(),
+            "tile_size": int(pixels.shape[1]),
+            "tiles": int(data.shape[0]),
+            "source": f"{TILES}/{case_id}/{mk}",
+            "magnification": float(mk),
+            "precision": emb.precision,
+            "compiled": emb.compiled,
+            "dtype": ecfg.dtype,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_embedding(store, _embedding_path(eid, case_id, float(mk)), data, attrs)
+        summary["written"].append([case_id, mk])
+        summary["tiles"] += int(data.shape[0])
+
+    bar = progress_bar(f"embed {eid}", total=sum(sizes)) if progress else contextlib.nullcontext(None)
+    with bar as advance:
+        emb.run(reader, sizes, [t for *_, t in todo], np.dtype(ecfg.dtype), write, advance)
+    return summary
+
+
+def _local_workers(scheduler: str) -> int:
+    if scheduler.startswith("local:"):
+        return int(scheduler.split(":", 1)[1])
+    if scheduler == "processes":
+        return os.cpu_count() or 1
+    return 1
+
+
+def embed_store(
+    store_url: str | Store,
+    cfg: EmbedConfig | None = None,
+    *,
+    device: str = "auto",
+    scheduler: str = "sync",
+    read_processes: int | None = None,
+) -> dict:
+    """`radpath embed`: embed every complete tile group of every case; returns a summary.
+
+    Complete embedding arrays are skipped, incomplete ones redone. One task per slide, so
+    `--scheduler cuda` / `tcp://` spread slides over GPU workers, each building its model once.
+    """
+    from radpath_fs.scheduler import check_scheduler, map_tasks
+    from radpath_fs.training import resolve_device
+
+    cfg = cfg or EmbedConfig()
+    check_scheduler(scheduler)
+    store = store_url if isinstance(store_url, Store) else Store(store_url)
+    if cfg.weights is not None:
+        create_embedder(cfg.name, cfg.weights, seed=cfg.seed)  # a bad file fails here, before any work
+    eid = embedder_id(cfg)
+    if scheduler in ("sync", "threads", "processes") or scheduler.startswith("local:"):
+        dev = str(resolve_device(device))  # checked here; a remote cluster resolves on its workers
+    else:
+        dev = device if device != "auto" else ("cuda" if scheduler == "cuda" else "auto")
+    with store.lock("embed"):
+        cases = store.cases()["case_id"].astype(str).tolist()
+        groups = {c: _tile_groups(store, c, cfg.magnifications) for c in cases}
+        mags = sorted({mk for ks in groups.values() for mk in ks}, key=float)
+        if not mags:
+            raise StoreError(f"{store.path(TILES)}: no tile groups to embed; run `radpath tile` first")
+        # One normalisation per magnification, matching the per-magnification MIL models.
+        if cfg.normalization == "dataset":
+            tile_moments(store, [float(mk) for mk in mags])  # one Dask pass for every magnification
+        stats = {mk: normalization_stats(store, cfg, [float(mk)]) for mk in mags}
+        root = store.open_zarr(EMBEDDINGS)
+        g = root.require_group(eid)
+        g.attrs.update({**embedder_record(cfg), "crop": cfg.crop, "input_size": cfg.input_size})
+        todo = [c for c in cases if groups[c]]
+        for c in todo:
+            g.require_group(c)
+        workers = _local_workers(scheduler)
+        torch_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        info(f"embedding {len(todo)} slides with {eid} on {dev} ({scheduler})")
+        kwargs = dict(
+            store_url=store.url,
+            cfg=cfg.model_dump(mode="json"),
+            mag_keys=mags,
+            stats=stats,
+            device=dev,
+            torch_threads=torch_threads,
+            read_processes=read_processes,
+        )
+        if scheduler == "sync":
+            # One stream over every slide: the next slide is read while the model finishes this one.
+            results = [embed_cases(todo, progress=True, **kwargs)]
+        else:
+            # One task per slide, spread over the workers (each builds its model once).
+            results = map_tasks(embed_cases, [[c] for c in todo], scheduler=scheduler, description=f"embed {eid}", **kwargs)
+    for r in results:
+        for case_id, mk in r["incomplete_tiles"]:
+            warn(f"{store.path(TILES, case_id, mk)}: tile group incomplete; not embedded (rerun `radpath tile`)")
+    summary = {
+        "embedder_id": eid,
+        "written": sum(len(r["written"]) for r in results),
+        "skipped": sum(len(r["skipped"]) for r in results),
+        "tiles": sum(r["tiles"] for r in results),
+    }
+    info(f"{summary['written']} embedding arrays written ({summary['tiles']} tiles), {summary['skipped']} already complete")
+    return summary
+
+
+__all__ = [
+    "BatchReader",
+    "Embedder",
+    "create_embedder",
+    "embed_cases",
+    "embed_store",
+    "embedder_id",
+    "embedder_record",
+    "embedding_attrs",
+    "embedding_is_complete",
+    "load_weights",
+    "normalization_stats",
+    "read_embeddings",
+    "tile_moments",
+    "tile_normalization",
+    "weights_hash",
+]

@@ -1,0 +1,337 @@
+"""Stage one, embeddings: embedder factory, weights, transforms, normalisation, the embedding store."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+import zarr
+
+from radpath_fs import embed as E
+from radpath_fs.config import ColorJitterConfig, EmbedConfig, TileConfig
+from radpath_fs.errors import ConfigError, InputError, StoreError
+from radpath_fs.store import Store
+from radpath_fs.tilestore import write_tile_group
+from radpath_fs.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _shift_hue,
+    eval_transform,
+    train_transform,
+    transform_from_record,
+)
+
+T = 64  # tile size: small tiles keep the CPU tests fast; the code path is the 512 px one
+SMALL = dict(name="resnet18", input_size=48, batch_size=4)
+# (case, split, tiles at 20x, tiles at 5x); c_empty has no tissue at 5x, c_val is unlabelled.
+CASES = [("c0", "train", 6, 3), ("c1", "train", 5, 0), ("c_val", "val", 4, 2)]
+
+
+def _tiles(rng: np.random.Generator, n: int, base: tuple[int, int, int]) -> np.ndarray:
+    """Textured tiles around a base colour (different per case, so mixing cases changes the stats)."""
+    noise = rng.integers(-60, 60, size=(n, T, T, 3))
+    return np.clip(np.array(base) + noise, 0, 255).astype(np.uint8)
+
+
+def make_store(path, codec: str = "zstd") -> Store:
+    store = Store(path, create=True)
+    store.write_table(
+        "cases",
+        pd.DataFrame(
+            {
+                "case_id": [c for c, *_ in CASES],
+                "label": ["A", "G", None],
+                "split": [s for _, s, *_ in CASES],
+                "fold": [0, 1, -1],
+                "excluded": [False] * len(CASES),
+            }
+        ),
+    )
+    cfg = TileConfig(tile_size=T, tiles_per_shard=4, codec=codec)
+    rng = np.random.default_rng(0)
+    bases = {"c0": (200, 120, 180), "c1": (150, 90, 160), "c_val": (60, 200, 60)}
+    for case, _, n20, n5 in CASES:
+        for mag, n in ((20, n20), (5, n5)):
+            px = _tiles(rng, n, bases[case])
+            write_tile_group(store, case, mag, px, np.zeros((n, 2)), np.ones(n), {"mpp": 10 / mag}, cfg)
+    return store
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """A tile store embedded once with a small random resnet18 (sync), plus a pristine copy."""
+    root = tmp_path_factory.mktemp("embed")
+    store = make_store(root / "store")
+    shutil.copytree(root / "store", root / "pristine")
+    cfg = EmbedConfig(**SMALL)
+    summary = E.embed_store(store.url, cfg, device="cpu", scheduler="sync")
+    return store, cfg, summary, root
+
+
+# ---- embedders ---------------------------------------------------------------------------------
+def test_efficientnet_b0_default_embedder():
+    model = E.create_embedder()
+    assert model.num_features == 1280
+    with torch.inference_mode():
+        out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1280)
+    assert not any("classifier" in k for k in model.state_dict())
+    assert E.embedder_id(EmbedConfig()) == "efficientnet_b0-random-s0-c224-dataset"
+
+
+def test_random_weights_are_seeded_and_ids_encode_them():
+    a, b, c = (E.create_embedder("resnet18", seed=s) for s in (0, 0, 1))
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+    ids = {
+        E.embedder_id(EmbedConfig(name="resnet18", seed=1)),
+        E.embedder_id(EmbedConfig(name="resnet18", crop="resize")),
+        E.embedder_id(EmbedConfig(name="resnet18", normalization="imagenet")),
+        E.embedder_id(EmbedConfig(name="resnet18", input_size=256)),
+        E.embedder_id(EmbedConfig(name="resnet18")),
+    }
+    assert len(ids) == 5
+    assert "resnet18-random-s1-c224-dataset" in ids and "resnet18-random-s0-r224-dataset" in ids
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="not a timm model"):
+        E.create_embedder("efficientnet_b99")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_file_loads_and_classifier_keys_are_ignored(tmp_path, suffix):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("resnet18", num_classes=3)  # a trained classifier: fc.* in the file
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    model = E.create_embedder("resnet18", weights=path)
+    assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    cfg = EmbedConfig(name="resnet18", weights=path)
+    assert E.embedder_id(cfg) == f"resnet18-w{E.weights_hash(path)}-c224-dataset"
+    assert len(E.weights_hash(path)) == 12
+
+
+def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "effnet.safetensors"
+    save_file({k: v.contiguous() for k, v in E.create_embedder("efficientnet_b0").state_dict().items()}, str(path))
+    with pytest.raises(InputError) as err:
+        E.create_embedder("resnet18", weights=path)
+    msg = str(err.value)
+    assert str(path) in msg and "missing keys" in msg and "conv1.weight" in msg and "unexpected keys" in msg
+    # embed_store checks the file before taking the lock or touching the store
+    store = make_store(tmp_path / "s")
+    with pytest.raises(InputError, match="do not fit"):
+        E.embed_store(store.url, EmbedConfig(name="resnet18", weights=path, input_size=48), device="cpu")
+    assert not store.exists("embeddings.zarr")
+
+
+def test_weights_shape_mismatch_and_pickles_are_refused(tmp_path):
+    state = E.create_embedder("resnet18").state_dict()
+    state["conv1.weight"] = torch.zeros(32, 3, 7, 7)
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(InputError, match=r"shape mismatches \(first: conv1.weight"):
+        E.create_embedder("resnet18", weights=path)
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "x": pd.Timestamp(0)}, evil)
+    with pytest.raises(InputError, match="weights_only"):
+        E.create_embedder("resnet18", weights=evil)
+    with pytest.raises(InputError, match="not found"):
+        E.create_embedder("resnet18", weights=tmp_path / "nope.safetensors")
+
+
+# ---- transforms --------------------------------------------------------------------------------
+def test_eval_transform_matches_torchvision():
+    x = torch.randint(0, 256, (3, T, T, 3), dtype=torch.uint8)
+    mean, std = (0.6, 0.5, 0.4), (0.2, 0.25, 0.3)
+    for crop, size in (("center", 48), ("center", 31), ("resize", 40)):
+        y = eval_transform(size=size, crop=crop, mean=mean, std=std)(x)
+        img = x.permute(0, 3, 1, 2)
+        if crop == "center":
+            ref = TF.center_crop(img, [size]).float() / 255
+        else:
+            ref = TF.resize(img.float(), [size, size], antialias=True).clamp(0, 255) / 255
+        ref = TF.normalize(ref, list(mean), list(std))
+        assert y.shape == (3, 3, size, size)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        eval_transform(size=T + 1)(x)
+
+
+def test_train_transform_is_per_tile_random_and_seeded():
+    one = torch.randint(0, 256, (1, T, T, 3), dtype=torch.uint8)
+    batch = one.repeat(8, 1, 1, 1)
+    tt = train_transform(32, ColorJitterConfig(), IMAGENET_MEAN, IMAGENET_STD)
+    a = tt(batch, generator=torch.Generator().manual_seed(3))
+    b = tt(batch, generator=torch.Generator().manual_seed(3))
+    c = tt(batch, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (8, 3, 32, 32)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    # identical input tiles get different crops / jitter within one batch
+    assert len({tuple(t.flatten()[:50].tolist()) for t in a}) == 8
+    # without jitter, every output is an exact crop of the input
+    plain = train_transform(32, {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}, (0, 0, 0), (1, 1, 1))
+    out = plain(one, generator=torch.Generator().manual_seed(0))[0] * 255
+    windows = one[0].permute(2, 0, 1).float().unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 33, 33, 32, 32)
+    assert (windows - out[:, None, None]).abs().amax(dim=(0, 3, 4)).min() < 1e-3
+    rebuilt = transform_from_record(tt.record())
+    torch.testing.assert_close(rebuilt(batch, generator=torch.Generator().manual_seed(3)), a)
+
+
+def test_hue_shift_matches_torchvision_per_tile():
+    img = torch.rand(4, 3, 16, 16)
+    shifts = torch.tensor([0.01, -0.01, 0.3, -0.45]).view(4, 1, 1, 1)
+    out = _shift_hue(img, shifts)
+    for i in range(4):
+        torch.testing.assert_close(out[i], TF.adjust_hue(img[i], float(shifts[i])), atol=1e-5, rtol=1e-5)
+
+
+# ---- normalisation -----------------------------------------------------------------------------
+def _numpy_stats(store, cases, mags):
+    px = np.concatenate(
+        [store.open_group("tiles.zarr", f"{c}/{m}")["pixels"][:].reshape(-1, 3) for c in cases for m in mags]
+    ).astype(np.float64) / 255
+    return px.mean(axis=0), px.std(axis=0)
+
+
+def test_tile_normalization_equals_numpy_on_training_tiles(tmp_path):
+    store = make_store(tmp_path / "s")
+    mean, std = E.tile_normalization(store, [20, 5])
+    ref_mean, ref_std = _numpy_stats(store, ["c0", "c1"], ["20", "5"])  # c_val is not a training case
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-9)
+    mean20, std20 = E.tile_normalization(store, [20])
+    np.testing.assert_allclose(mean20, _numpy_stats(store, ["c0", "c1"], ["20"])[0], rtol=1e-12)
+    cached = store.read_json(E.NORMALIZATION_JSON)
+    assert cached["20"]["mean"] == mean20 and cached["5,20"]["std"] == std
+    # an edited training group invalidates the cached moments of its magnification
+    write_tile_group(store, "c1", 20, np.full((2, T, T, 3), 7, np.uint8), np.zeros((2, 2)), np.ones(2),
+                     {}, TileConfig(tile_size=T, tiles_per_shard=4))
+    np.testing.assert_allclose(E.tile_normalization(store, [20])[0], _numpy_stats(store, ["c0", "c1"], ["20"])[0])
+    with pytest.raises(StoreError, match="no complete tile groups of training cases"):
+        E.tile_normalization(store, [40])
+
+
+# ---- the embedding store -----------------------------------------------------------------------
+def test_stored_embeddings_recompute_from_the_recorded_transform(embedded):
+    store, cfg, summary, _ = embedded
+    eid = E.embedder_id(cfg)
+    assert summary == {"embedder_id": eid, "written": 6, "skipped": 0, "tiles": 20}
+    for case, mag in (("c0", 20), ("c_val", 5)):
+        stored = E.read_embeddings(store, eid, case, mag)
+        attrs = E.embedding_attrs(store, eid, case, mag)
+        assert stored.dtype == np.float16 and stored.shape == (attrs["tiles"], 512)
+        assert attrs["complete"] is True and attrs["precision"] == "fp32"
+        model = E.create_embedder(attrs["model"], attrs["weights"], attrs["pretrained"], seed=attrs["seed"]).eval()
+        transform = transform_from_record(attrs["transform"])
+        assert attrs["transform"]["mean"] == list(E.tile_normalization(store, [mag])[0])
+        pick = [0, attrs["tiles"] - 1]
+        tiles = torch.from_numpy(store.open_group("tiles.zarr", f"{case}/{mag}")["pixels"].oindex[pick])
+        with torch.inference_mode():
+            ref = model(transform(tiles)).numpy()
+        np.testing.assert_allclose(stored[pick].astype(np.float32), ref, rtol=2**-10, atol=1e-4)
+        # a whole bag is one chunk
+        arr = zarr.open_array(store=store.zarr_store("embeddings.zarr"), path=f"{eid}/{case}/{mag}", mode="r")
+        assert arr.chunks[0] >= arr.shape[0]
+
+
+def test_empty_bag_gives_an_empty_array(embedded):
+    store, cfg, _, _ = embedded
+    eid = E.embedder_id(cfg)
+    empty = E.read_embeddings(store, eid, "c1", 5)
+    assert empty.shape == (0, 512) and E.embedding_is_complete(store, eid, "c1", 5)
+
+
+def test_resume_skips_complete_and_redoes_incomplete(embedded):
+    store, cfg, _, _ = embedded
+    eid = E.embedder_id(cfg)
+    before = E.read_embeddings(store, eid, "c0", 20)
+    again = E.embed_store(store.url, cfg, device="cpu")
+    assert again["written"] == 0 and again["skipped"] == 6
+    arr = zarr.open_array(store=store.zarr_store("embeddings.zarr"), path=f"{eid}/c0/20", mode="r+")
+    arr[...] = 0
+    arr.attrs["complete"] = False  # what a killed writer leaves
+    with pytest.raises(StoreError, match="incomplete"):
+        E.read_embeddings(store, eid, "c0", 20)
+    redo = E.embed_store(store.url, cfg, device="cpu")
+    assert redo["written"] == 1 and redo["skipped"] == 5 and redo["tiles"] == 6
+    np.testing.assert_array_equal(E.read_embeddings(store, eid, "c0", 20), before)
+
+
+def test_same_store_under_sync_and_a_local_cluster(embedded):
+    store, cfg, _, root = embedded
+    other = Store(root / "pristine")
+    summary = E.embed_store(other.url, cfg, device="cpu", scheduler="local:2")
+    assert summary["written"] == 6
+    eid = E.embedder_id(cfg)
+    for case, *_ in CASES:
+        for mag in (20, 5):
+            a = E.read_embeddings(store, eid, case, mag)
+            b = E.read_embeddings(other, eid, case, mag)
+            # one torch thread per worker vs two in sync: at most float16 rounding apart
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2**-10, atol=1e-4)
+            attrs_a, attrs_b = (E.embedding_attrs(s, eid, case, mag) for s in (store, other))
+            attrs_a.pop("created"), attrs_b.pop("created")
+            assert attrs_a == attrs_b
+
+
+def test_incomplete_tile_groups_are_not_embedded_and_imagenet_stats(tmp_path):
+    store = make_store(tmp_path / "s", codec="jpeg")
+    g = store.open_group("tiles.zarr", "c0/5", mode="r+")
+    g.attrs["complete"] = False
+    cfg = EmbedConfig(**SMALL, normalization="imagenet", dtype="float32", magnifications=[5])
+    summary = E.embed_store(store.url, cfg, device="cpu")
+    eid = E.embedder_id(cfg)
+    assert eid.endswith("-imagenet") and summary["written"] == 2
+    assert not E.embedding_is_complete(store, eid, "c0", 5)
+    assert not store.exists("stats/tile_normalization.json")
+    out = E.read_embeddings(store, eid, "c_val", 5)
+    assert out.dtype == np.float32 and out.shape == (2, 512)
+    assert E.embedding_attrs(store, eid, "c_val", 5)["transform"]["mean"] == list(IMAGENET_MEAN)
+
+
+def test_cli_embed(tmp_path):
+    from typer.testing import CliRunner
+
+    from radpath_fs.cli import app
+
+    store = make_store(tmp_path / "s")
+    conf = tmp_path / "p.yaml"
+    conf.write_text("embed:\n  name: resnet18\n  input_size: 48\n  magnifications: [20]\n")
+    res = CliRunner().invoke(app, ["embed", "--store", store.url, "--config", str(conf), "--batch-size", "2",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert E.read_embeddings(store, "resnet18-random-s0-c48-dataset", "c1", 20).shape == (5, 512)
+    bad = CliRunner().invoke(app, ["embed", "--store", store.url, "--embedder", "not_a_model", "--device", "cpu"])
+    assert bad.exit_code == 2 and "not a timm model" in bad.output
+
+
+def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):
+    store = make_store(tmp_path / "s")
+    groups = [("c0", "20"), ("c1", "5"), ("c_val", "20")]  # the middle one is empty
+    sizes = [6, 0, 4]
+    regions = [(8, 56), None, (8, 56)]
+    out = {}
+    for procs in (0, 2):
+        reader = E.BatchReader(store.url, groups, regions, sizes, 4, processes=procs, threads=2, depth=2)
+        out[procs] = [(gi, start, b.clone()) for gi, start, b in reader]
+    assert [(gi, s) for gi, s, _ in out[0]] == [(0, 0), (0, 4), (2, 0)]
+    for (ga, sa, a), (gb, sb, b) in zip(out[0], out[2], strict=True):
+        assert (ga, sa) == (gb, sb) and torch.equal(a, b)
+    whole = store.open_group("tiles.zarr", "c0/20")["pixels"][:]
+    np.testing.assert_array_equal(out[2][1][2].numpy(), whole[4:6, 8:56, 8:56])
+    assert out[0][2][2].shape == (4, 48, 48, 3)
