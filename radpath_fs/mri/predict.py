@@ -1,0 +1,103 @@
+"""MRI model inference: logits of a snapshot for the cases of each split, as prediction tables.
+
+Splits: `oof` = the labelled cases of the model's held-out fold (none for a fold -1 model),
+`train` = the labelled cases it trained on, `val`/`test` = unlabelled cases of that split.
+Default: oof (when the model has a fold) + every unlabelled split present. Called by
+`radpath_fs.predict.predict_models` for models whose config.json says modality "mri".
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from radpath_fs.config import MRITrainConfig, PipelineConfig
+from radpath_fs.errors import RadpathError
+from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader
+from radpath_fs.mri.preprocess import preprocess_cases
+from radpath_fs.mri.train import Runtime, build_network, predict_logits
+from radpath_fs.predictions import SPLITS, prediction_table, write_predictions
+from radpath_fs.progress import info, warn
+from radpath_fs.store import Store
+from radpath_fs.training import load_checkpoint, resolve_device
+
+
+def split_cases(cases: pd.DataFrame, split: str, fold: int) -> pd.DataFrame:
+    """The cases with MRI that `split` means for a model trained without `fold`."""
+    mri = cases[cases["has_mri"].astype(bool)]
+    labelled = mri[mri["label"].notna()]
+    if split == "oof":
+        return labelled[labelled["fold"].astype(int) == fold] if fold >= 0 else labelled.iloc[:0]
+    if split == "train":
+        return labelled[labelled["fold"].astype(int) != fold] if fold >= 0 else labelled
+    return mri[mri["label"].isna() & (mri["split"] == split)]
+
+
+def default_splits(cases: pd.DataFrame, fold: int) -> list[str]:
+    unlabelled = cases[cases["has_mri"].astype(bool) & cases["label"].isna()]
+    present = [s for s in ("val", "test") if (unlabelled["split"] == s).any()]
+    return (["oof"] if fold >= 0 else []) + present
+
+
+def predict_mri(
+    store: str | Store,
+    cfg: PipelineConfig,
+    model_id: str,
+    splits: list[str] | None = None,
+    device: str = "auto",
+) -> list[str]:
+    """Write `tables/predictions/<model_id>--<split>.parquet` for each split; return the paths.
+
+    The network and preprocessing come from the model's own config.json; `cfg` gives the
+    inference batch size and loader workers. Cases not cached yet at the model's size are
+    preprocessed first (the caller holds the store's writer lock).
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    state, config = load_checkpoint(store, model_id)
+    if config.get("modality") != "mri":
+        raise RadpathError(f"{store.path('models', model_id)}: modality {config.get('modality')!r}, not an MRI model")
+    mcfg = MRITrainConfig.model_validate(config["mri"])
+    fold, snapshot = int(config["fold"]), int(config["snapshot"])
+    cases = store.cases()
+    wanted = default_splits(cases, fold) if splits is None else list(splits)
+    bad = [s for s in wanted if s not in SPLITS]
+    if bad:
+        raise RadpathError(f"--split {bad[0]!r}: expected one of {', '.join(SPLITS)}")
+
+    todo = []
+    for split in wanted:
+        rows = split_cases(cases, split, fold)
+        if split == "oof" and fold < 0:
+            warn(f"{model_id}: trained on every fold, so it has no out-of-fold cases; skipping split oof")
+        elif rows.empty:
+            warn(f"{model_id}: no case with MRI in split {split!r}; nothing written for it")
+        else:
+            todo.append((split, rows))
+    if not todo:
+        return []
+    preprocess_cases(store, mcfg, pd.concat([rows for _, rows in todo]).drop_duplicates("case_id"))
+
+    rt = Runtime(resolve_device(device), mcfg.channels_last)
+    model = build_network(mcfg)
+    model.load_state_dict(state)
+    model = rt.prepare(model)
+    workers = min(default_workers(cfg.mri, rt.device), 4)
+    written = []
+    for split, rows in todo:
+        ids = [str(c) for c in rows["case_id"]]
+        loader = make_loader(CachedVolumes(store.url, ids), batch_size=cfg.mri.eval_batch_size,
+                             num_workers=workers, pin_memory=rt.cuda)
+        logits = predict_logits(model, loader, rt)
+        table = prediction_table(
+            model_id=model_id,
+            modality="mri",
+            magnification=None,
+            snapshot=snapshot,
+            fold=fold,
+            split=split,
+            case_ids=ids,
+            labels=list(rows["label"]),
+            logits=logits,
+        )
+        written.append(write_predictions(store, table))
+        info(f"{model_id}: {len(ids)} {split} prediction(s) -> {written[-1]}")
+    return written
