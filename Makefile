@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp
 export RADPATH_PROGRESS ?= 1
 
-.PHONY: demo test bench bench-gpu lint clean-demo
+.PHONY: demo test bench bench-gpu lint clean-demo chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/radpath run pipelines/demo.yaml
 
-test: $(STAMP)
+# The report test opens the HTML page in headless Chromium (Debian's package), installed when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "warning: could not install chromium; the report test will fail"; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -33,8 +33,12 @@ def synth_is_current(root: Path, cfg) -> bool:
 
 
 def run_synth(root: Path, cfg) -> None:
+    import shutil
+
     from radpath_fs.synth import synth_cohort
 
+    if (root / SYNTH_MARKER).is_file():  # a cohort we generated from another config: replace it
+        shutil.rmtree(root)
     synth_cohort(root, cfg)
     # The marker goes last: a cohort cut short by a crash is regenerated on the next run.
     (root / SYNTH_MARKER).write_text(cfg.model_dump_json())
