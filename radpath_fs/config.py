@@ -116,6 +116,10 @@ class HeadConfig(Section):
 
     hidden: list[int] = []
     dropout: float = Field(0.5, ge=0, lt=1)
+    # Head mode only: standardise each cached-embedding feature by its mean/std over the training
+    # tiles, so the head's step size does not depend on the embedder's output scale (a random
+    # EfficientNet's features are ~1e-3). Finetune ignores it: there the features move as it trains.
+    standardize: bool = True
 
 
 class SnapshotMixin(Section):
