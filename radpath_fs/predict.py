@@ -1,0 +1,222 @@
+"""`radpath predict`: a model's prediction table for each split, in the DESIGN.md schema.
+
+Slide models follow the paper's inference protocol: per slide, `predict.tiles_per_slide` random
+tiles (all of them when there are fewer), augmented tile by tile with the training augmentation
+(finetune models; a head-only model sees cached embeddings, so its only randomness is the tile
+subset), repeated `predict.repeats` times. The class is the hard vote over the repeats; the mean
+logits and the mean probabilities go in the required columns, the vote counts in extra columns
+(votes_A, votes_O, votes_G, repeats, pred_vote, tiles). MRI models are handed to
+`radpath_fs.mri.predict_mri`.
+
+Splits: ``oof`` = the labelled cases of the model's held-out fold; ``val``/``test`` = the
+unlabelled cases of that split; ``train`` = the model's training cases. Default: oof (for a
+model with a held-out fold) and every unlabelled split in the cases table.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from radpath_fs import CLASSES
+from radpath_fs.errors import RadpathError
+from radpath_fs.predictions import SPLITS, prediction_table, softmax, table_name, write_predictions
+from radpath_fs.progress import info, progress_bar, warn
+from radpath_fs.store import Store, check_name, mag_key
+
+
+def _as_store(store: Store | str) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def model_config(store: Store, model_id: str) -> dict:
+    rel = f"models/{check_name(model_id, 'model id')}/config.json"
+    if not store.exists(rel):
+        raise RadpathError(f"{store.path(rel)}: no such model (is the id right? see `radpath query`)")
+    return store.read_json(rel)
+
+
+_HAS = {"wsi": "has_slide", "mri": "has_mri"}
+
+
+def default_splits(cases: pd.DataFrame, fold: int, modality: str = "wsi") -> list[str]:
+    """oof when the model held a fold out, then each unlabelled split that has cases of the modality."""
+    unlabelled = cases[cases["label"].isna() & cases[_HAS[modality]].astype(bool)]
+    present = set(unlabelled["split"].dropna())
+    return (["oof"] if fold >= 0 else []) + [s for s in SPLITS if s in ("val", "test") and s in present]
+
+
+def split_cases(cases: pd.DataFrame, split: str, fold: int, train_cases: Sequence[str] | None) -> pd.DataFrame:
+    """The rows of the cases table that make up `split` for a model trained without `fold`."""
+    labelled = cases["label"].notna()
+    if split == "oof":
+        if fold < 0:
+            raise RadpathError("split oof: this model was trained on every fold (fold -1); it has no held-out cases")
+        return cases[labelled & (cases["fold"] == fold)]
+    if split in ("val", "test"):
+        return cases[~labelled & (cases["split"] == split)]
+    if split == "train":
+        if train_cases is not None:
+            return cases[cases["case_id"].isin(set(train_cases))]
+        return cases[labelled & ((cases["fold"] != fold) if fold >= 0 else True)]
+    raise RadpathError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+
+
+def pending_predictions(store: Store | str) -> list[str]:
+    """Model snapshots (models/<id>/config.json with a snapshot) missing a default split's table."""
+    store = _as_store(store)
+    folder = store.path("models")
+    if not store.fs.exists(folder):
+        return []
+    cases = store.cases()
+    todo = []
+    for path in sorted(store.fs.ls(folder, detail=False)):
+        model_id = path.rstrip("/").rsplit("/", 1)[1]
+        if not store.exists(f"models/{model_id}/config.json"):
+            continue  # a training run's folder (history, resumable state), not a snapshot
+        config = store.read_json(f"models/{model_id}/config.json")
+        if "snapshot" not in config or config.get("modality") not in _HAS:
+            continue
+        splits = default_splits(cases, int(config.get("fold", -1)), config["modality"])
+        if any(not store.has_table(table_name(model_id, s)) for s in splits):
+            todo.append(model_id)
+    return todo
+
+
+def predict_models(store_url: Store | str, cfg, model_ids: list[str], splits: list[str] | None = None,
+                   device: str = "auto") -> None:
+    """`radpath predict`: write the prediction tables of each model for `splits` (default: see module doc)."""
+    store = _as_store(store_url)
+    if splits:
+        bad = [s for s in splits if s not in SPLITS]
+        if bad:
+            raise RadpathError(f"--split {', '.join(bad)}: expected some of {', '.join(SPLITS)}")
+    configs = {m: model_config(store, m) for m in model_ids}  # every id checked before any work
+    for model_id, config in configs.items():
+        if config.get("modality") not in _HAS:
+            raise RadpathError(f"{store.path('models', model_id, 'config.json')}: unknown modality "
+                               f"{config.get('modality')!r}")
+    with store.lock("predict"):
+        for model_id, config in configs.items():
+            if config["modality"] == "wsi":
+                predict_wsi(store, cfg, model_id, splits, device)
+            else:
+                from radpath_fs.mri import predict_mri
+
+                predict_mri(store, cfg, model_id, splits, device)
+
+
+def _case_seed(seed: int, model_id: str, case_id: str) -> np.random.SeedSequence:
+    # Keyed by model and case, so a case's tile subsets do not depend on which split or order it is in.
+    return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(model_id.encode()), zlib.crc32(case_id.encode())])
+
+
+def vote(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """(cases, repeats, classes) logits -> mean logits, mean probs, vote counts, voted class.
+
+    The class is the majority of the repeats' argmax; a tie goes to the highest mean probability
+    among the tied classes.
+    """
+    n, r, k = logits.shape
+    probs = softmax(logits.reshape(n * r, k)).reshape(n, r, k)
+    votes = np.stack([(logits.argmax(2) == j).sum(1) for j in range(k)], axis=1)
+    mean_probs = probs.mean(1)
+    tied = votes == votes.max(1, keepdims=True)
+    pred = np.where(tied, mean_probs, -np.inf).argmax(1)
+    return {"logits": logits.mean(1), "probs": mean_probs, "votes": votes, "pred": pred}
+
+
+def predict_wsi(store_url: Store | str, cfg, model_id: str, splits: list[str] | None = None,
+                device: str = "auto") -> list[str]:
+    """The paper's slide inference protocol for one model; returns the tables written.
+
+    The caller holds the store's writer lock (`predict_models` does).
+    """
+    from radpath_fs.mil import load_wsi_model
+    from radpath_fs.training import resolve_device
+
+    store = _as_store(store_url)
+    dev = resolve_device(device)
+    model, config = load_wsi_model(store, model_id, dev)
+    cases = store.cases()
+    written = []
+    for split in splits or default_splits(cases, int(config["fold"]), "wsi"):
+        part = split_cases(cases[cases["has_slide"].astype(bool)], split, int(config["fold"]), config.get("train_cases"))
+        written.append(_predict_split(store, cfg, model_id, model, config, split, part, dev))
+    return written
+
+
+def _bag_source(store: Store, config: dict, case_ids: list[str]):
+    """The model's inputs for these cases (embeddings or tiles) and the cases that have none."""
+    from radpath_fs.mil import EmbeddingBags, TileBags
+
+    mag = float(config["magnification"])
+    if config["mode"] == "head":
+        from radpath_fs.embed import embedding_is_complete
+
+        eid = config["embedder"]["id"]
+        ok = [c for c in case_ids if embedding_is_complete(store, eid, c, mag)]
+        source = EmbeddingBags(store, eid, ok, mag)
+    else:
+        from radpath_fs.tilestore import TILES
+
+        ok = [c for c in case_ids if store.group_is_complete(TILES, f"{c}/{mag_key(mag)}")]
+        source = TileBags(store, ok, mag)
+    return source, [c for c in case_ids if c not in set(ok)]
+
+
+def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split: str, part: pd.DataFrame, dev) -> str:
+    import torch
+
+    from radpath_fs.mil import Loader, Segment, build_transforms, infer_bags, loader_threads
+
+    mag, mode, p = float(config["magnification"]), config["mode"], cfg.predict
+    source, missing = _bag_source(store, config, [str(c) for c in part["case_id"]])
+    keep = [i for i in range(len(source.case_ids)) if source.n_tiles(i) > 0]
+    missing += [c for i, c in enumerate(source.case_ids) if source.n_tiles(i) == 0]
+    if missing:
+        warn(f"{model_id} {split}: {len(missing)} case(s) without {'embeddings' if mode == 'head' else 'tiles'} "
+             f"at magnification {mag_key(mag)} get no row: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    bags = []
+    for j, i in enumerate(keep):
+        rng = np.random.default_rng(_case_seed(cfg.seed, model_id, source.case_ids[i]))
+        n = source.n_tiles(i)
+        for r in range(p.repeats):
+            idx = np.sort(rng.choice(n, size=min(p.tiles_per_slide, n), replace=False))
+            bags.append(Segment(i, idx, j * p.repeats + r))
+    transform = None
+    if mode == "finetune":
+        # The training augmentation, tile by tile (a head-only model's inputs are cached embeddings).
+        norm = config["normalization"]
+        train_tf, eval_tf = build_transforms(_wsi_section(config), norm["mean"], norm["std"])
+        transform = (train_tf if p.augment else eval_tf).to(dev)
+    gen = torch.Generator().manual_seed(int(_case_seed(cfg.seed, model_id, split).generate_state(1)[0]))
+    with Loader(source, threads=loader_threads(config["wsi"].get("loader_threads")), depth=2,
+                pin=dev.type == "cuda") as loader, \
+            progress_bar(f"predict {model_id} {split}", sum(len(b.index) for b in bags)) as advance:
+        logits = infer_bags(model, loader, bags, transform=transform, generator=gen, device=dev,
+                            chunk_tiles=p.batch_tiles, advance=advance)
+    ids = [source.case_ids[i] for i in keep]
+    v = vote(logits.reshape(len(keep), p.repeats, len(CLASSES)))
+    labels = part.set_index("case_id").loc[ids, "label"].tolist() if ids else []
+    extra = {f"votes_{c}": v["votes"][:, j].astype(np.int32) for j, c in enumerate(CLASSES)}
+    extra["repeats"] = np.full(len(ids), p.repeats, np.int32)
+    extra["pred_vote"] = np.array([CLASSES[k] for k in v["pred"]], dtype=str)
+    extra["tiles"] = np.array([source.n_tiles(i) for i in keep], np.int32)
+    table = prediction_table(
+        model_id=model_id, modality="wsi", magnification=mag, snapshot=int(config["snapshot"]),
+        fold=int(config["fold"]), split=split, case_ids=ids, labels=labels, logits=v["logits"], probs=v["probs"],
+        extra=extra,
+    )
+    path = write_predictions(store, table)
+    info(f"{model_id} {split}: {len(ids)} slides x {p.repeats} repeats -> {path}")
+    return path
+
+
+def _wsi_section(config: dict):
+    from radpath_fs.config import WSITrainConfig
+
+    return WSITrainConfig.model_validate(config["wsi"])
