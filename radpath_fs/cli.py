@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -40,13 +39,13 @@ def _user_errors(fn):
     return wrapper
 
 
-def _config(path: Optional[Path]):
+def _config(path: Path | None):
     from radpath_fs.config import PipelineConfig, load_config
 
     return load_config(path) if path else PipelineConfig()
 
 
-def _floats(text: Optional[str]) -> Optional[list[float]]:
+def _floats(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
@@ -55,7 +54,7 @@ def _floats(text: Optional[str]) -> Optional[list[float]]:
         raise RadpathError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _size(text: Optional[str], n: int, option: str) -> Optional[tuple[int, ...]]:
+def _size(text: str | None, n: int, option: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     parts = text.lower().split("x")
@@ -70,9 +69,9 @@ def synth(
     out: Path = typer.Argument(..., help="Folder to write the CPM-RadPath layout into."),
     cases: int = typer.Option(24, "--cases", min=1),
     seed: int = typer.Option(0, "--seed"),
-    wsi_size: Optional[str] = typer.Option(None, "--wsi-size", help="WxH in pixels at --wsi-mpp"),
+    wsi_size: str | None = typer.Option(None, "--wsi-size", help="WxH in pixels at --wsi-mpp"),
     wsi_mpp: float = typer.Option(0.5, "--wsi-mpp"),
-    mri_size: Optional[str] = typer.Option(None, "--mri-size", help="XxYxZ voxels"),
+    mri_size: str | None = typer.Option(None, "--mri-size", help="XxYxZ voxels"),
     label_noise: float = typer.Option(0.0, "--label-noise", min=0.0, max=1.0),
     unlabelled: int = typer.Option(0, "--unlabelled", help="extra cases without a label"),
 ):
@@ -92,11 +91,11 @@ def synth(
 @_user_errors
 def ingest(
     data: Path = typer.Argument(..., help="CPM-RadPath folder (Pathology/, Radiology/)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: CPM_RadPath_2019_ID,class,age_in_days"),
+    labels: Path | None = typer.Option(None, "--labels", help="CSV: CPM_RadPath_2019_ID,class,age_in_days"),
     store: str = StoreOpt,
     folds: int = typer.Option(5, "--folds", min=2),
     seed: int = typer.Option(0, "--seed"),
-    default_mpp: Optional[float] = typer.Option(None, "--default-mpp", help="µm/px for slides without it"),
+    default_mpp: float | None = typer.Option(None, "--default-mpp", help="µm/px for slides without it"),
     skip_errors: bool = typer.Option(False, "--skip-errors", help="record bad cases as excluded"),
     unlabelled_split: str = typer.Option("val", "--unlabelled-split", help="split of cases without label"),
 ):
@@ -112,9 +111,9 @@ def ingest(
 @_user_errors
 def tile(
     store: str = StoreOpt,
-    config: Optional[Path] = ConfigOpt,
-    mags: Optional[str] = typer.Option(None, "--mags", help="e.g. 40,20,10,5,2.5"),
-    codec: Optional[str] = typer.Option(None, "--codec", help="zstd (lossless) or jpeg"),
+    config: Path | None = ConfigOpt,
+    mags: str | None = typer.Option(None, "--mags", help="e.g. 40,20,10,5,2.5"),
+    codec: str | None = typer.Option(None, "--codec", help="zstd (lossless) or jpeg"),
     scheduler: str = SchedulerOpt,
     skip_errors: bool = typer.Option(False, "--skip-errors"),
 ):
@@ -130,10 +129,10 @@ def tile(
 @_user_errors
 def embed(
     store: str = StoreOpt,
-    config: Optional[Path] = ConfigOpt,
-    embedder: Optional[str] = typer.Option(None, "--embedder", help="any timm model name"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help=".safetensors or .pth state dict"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    config: Path | None = ConfigOpt,
+    embedder: str | None = typer.Option(None, "--embedder", help="any timm model name"),
+    weights: Path | None = typer.Option(None, "--weights", help=".safetensors or .pth state dict"),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     device: str = DeviceOpt,
     scheduler: str = SchedulerOpt,
 ):
@@ -150,11 +149,11 @@ def embed(
 @_user_errors
 def train_wsi(
     store: str = StoreOpt,
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
     mag: float = typer.Option(..., "--mag"),
     fold: int = typer.Option(..., "--fold", help="held-out fold; -1 trains on every labelled case"),
-    mode: Optional[str] = typer.Option(None, "--mode", help="finetune or head"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="embedder start weights (finetune)"),
+    mode: str | None = typer.Option(None, "--mode", help="finetune or head"),
+    weights: Path | None = typer.Option(None, "--weights", help="embedder start weights (finetune)"),
     device: str = DeviceOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume"),
 ):
@@ -169,7 +168,7 @@ def train_wsi(
 @_user_errors
 def train_mri(
     store: str = StoreOpt,
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
     fold: int = typer.Option(..., "--fold", help="held-out fold; -1 trains on every labelled case"),
     device: str = DeviceOpt,
     scheduler: str = SchedulerOpt,
@@ -185,9 +184,9 @@ def train_mri(
 @_user_errors
 def predict(
     store: str = StoreOpt,
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
     model: list[str] = typer.Option(..., "--model", help="model id(s), e.g. wsi-mag20-fold0-e49"),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="oof, val, test, train (default: oof + unlabelled)"),
+    split: list[str] | None = typer.Option(None, "--split", help="oof, val, test, train (default: oof + unlabelled)"),
     device: str = DeviceOpt,
 ):
     """Write the prediction table of each model (paper's inference protocol for slides)."""
@@ -200,17 +199,18 @@ def predict(
 @_user_errors
 def fuse(
     store: str = StoreOpt,
-    config: Optional[Path] = ConfigOpt,
-    method: Optional[str] = typer.Option(None, "--method", help="soft_vote, hard_vote, prune, greedy, exhaustive, stack_lr, stack_xgb"),
-    prune: Optional[int] = typer.Option(None, "--prune", help="drop the K worst members"),
+    config: Path | None = ConfigOpt,
+    method: str | None = typer.Option(None, "--method", help="soft_vote, hard_vote, prune, greedy, exhaustive, stack_lr, stack_xgb"),
+    prune: int | None = typer.Option(None, "--prune", help="drop the K worst members"),
     ablations: bool = typer.Option(False, "--ablations", help="also run the ablation table"),
+    metric: str | None = typer.Option(None, "--metric", help="selection metric: balanced_accuracy, kappa, f1_micro, f1_macro"),
+    plots: Path | None = typer.Option(None, "--plots", help="folder for the primary ensemble's PNG figures"),
 ):
     """Fuse the prediction tables offline (no GPU, no torch); write tables/ensembles.parquet."""
-    from radpath_fs.fusion.cli import fuse_store
+    from radpath_fs.fusion.cli import fuse_store, fusion_config
 
-    cfg = _config(config).fusion
-    update = {k: v for k, v in {"method": method, "prune": prune}.items() if v is not None}
-    fuse_store(store, cfg.model_validate({**cfg.model_dump(), **update}), ablations=ablations)
+    cfg = fusion_config(_config(config).fusion, method=method, prune=prune, metric=metric)
+    fuse_store(store, cfg, ablations=ablations, plots=plots)
 
 
 @app.command()
@@ -219,7 +219,7 @@ def query(
     sql: str = typer.Argument(..., help="SQL over the views cases, tiles, predictions, ensembles"),
     store: str = StoreOpt,
     fmt: str = typer.Option("table", "--format", help="table, csv, json or parquet"),
-    out: Optional[Path] = typer.Option(None, "--out", help="file for --format parquet"),
+    out: Path | None = typer.Option(None, "--out", help="file for --format parquet"),
 ):
     """Run read-only SQL (DuckDB) over the store's tables."""
     from radpath_fs.query import run_query
@@ -231,8 +231,8 @@ def query(
 @_user_errors
 def report(
     store: str = StoreOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default <store>/report)"),
-    config: Optional[Path] = ConfigOpt,
+    out: Path | None = typer.Option(None, "--out", help="output folder (default <store>/report)"),
+    config: Path | None = ConfigOpt,
 ):
     """Write a self-contained HTML report of the store."""
     from radpath_fs.report import write_report
@@ -244,9 +244,9 @@ def report(
 @_user_errors
 def run(
     pipeline: Path = typer.Argument(..., help="pipelines/demo.yaml, pipelines/cpm2020.yaml, ..."),
-    store: Optional[str] = typer.Option(None, "--store", "-s", help="overrides the pipeline's store"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    store: str | None = typer.Option(None, "--store", "-s", help="overrides the pipeline's store"),
+    scheduler: str | None = typer.Option(None, "--scheduler"),
+    device: str | None = typer.Option(None, "--device"),
 ):
     """Run every step of a pipeline in order; complete steps are skipped."""
     from radpath_fs.config import load_config

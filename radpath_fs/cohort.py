@@ -205,30 +205,29 @@ def scan(data: Path, labels: Path | None) -> list[CaseRecord]:
 
 
 def assign_folds(labels: pd.Series, k: int, seed: int) -> np.ndarray:
-    """Stratified, seeded folds for labelled cases; -1 for the rest."""
-    from sklearn.model_selection import StratifiedKFold
+    """Stratified, seeded folds for labelled cases; -1 for the rest.
 
+    Each class is shuffled and dealt round-robin, continuing where the previous class stopped, so
+    fold sizes differ by at most one and every class is spread as evenly as it can be, even a
+    class with fewer cases than folds.
+    """
     folds = np.full(len(labels), -1, dtype=np.int32)
-    idx = np.flatnonzero(labels.notna().to_numpy())
-    if len(idx) == 0:
+    labelled = labels.notna().to_numpy()
+    if labelled.sum() == 0:
         return folds
-    y = labels.iloc[idx].to_numpy()
-    smallest = pd.Series(y).value_counts().min()
-    if len(idx) < k:
-        raise RadpathError(f"{len(idx)} labelled case(s) cannot be split into {k} folds (--folds)")
-    if smallest < k:
-        warn(f"the smallest class has {smallest} case(s), fewer than {k} folds: some folds will lack it")
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if smallest >= 2 else None
-    if splitter is None:  # StratifiedKFold needs two members per class
-        rng = np.random.default_rng(seed)
-        folds[idx] = rng.permutation(np.arange(len(idx)) % k)
-        return folds
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for fold, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
-            folds[idx[test]] = fold
+    if labelled.sum() < k:
+        raise RadpathError(f"{int(labelled.sum())} labelled case(s) cannot be split into {k} folds (--folds)")
+    rng = np.random.default_rng(seed)
+    values = labels.to_numpy()
+    counts = pd.Series(values[labelled]).value_counts()
+    if counts.min() < k:
+        warn(f"class {counts.idxmin()} has {counts.min()} case(s), fewer than {k} folds: some folds will lack it")
+    start = 0
+    for c in CLASSES:
+        members = np.flatnonzero(values == c)
+        members = members[rng.permutation(len(members))]
+        folds[members] = (start + np.arange(len(members))) % k
+        start = (start + len(members)) % k
     return folds
 
 

@@ -77,6 +77,13 @@ def create_embedder(
     return model
 
 
+def embedding_width(embedder) -> int:
+    """L, the width of what a timm model made with num_classes=0 returns. Where a model has a head
+    stage after its features (MobileNetV3, LCNet, GhostNet), timm's `num_features` is the width
+    before that stage and `head_hidden_size` the width of the output."""
+    return int(getattr(embedder, "head_hidden_size", None) or embedder.num_features)
+
+
 def _read_state_dict(path: Path) -> dict:
     import torch
 
@@ -353,6 +360,12 @@ def embedding_is_complete(store: Store, embedder: str, case_id: str, magnificati
     return arr is not None and bool(arr.attrs.get(COMPLETE, False))
 
 
+def embedding_count(store: Store, embedder: str, case_id: str, magnification: float) -> int:
+    """Tiles in a complete embedding array (0 for a slide without tissue there, or when incomplete)."""
+    arr = _open_embedding(store, embedder, case_id, magnification)
+    return int(arr.shape[0]) if arr is not None and arr.attrs.get(COMPLETE, False) else 0
+
+
 def read_embeddings(store: Store | str, embedder: str, case_id: str, magnification: float, dtype=None) -> np.ndarray:
     """The (n, L) embeddings of a slide at a magnification (stored dtype unless `dtype`)."""
     store = store if isinstance(store, Store) else Store(store)
@@ -486,7 +499,7 @@ class Embedder:
         if self.cuda:
             model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        self.num_features = model.num_features
+        self.num_features = embedding_width(model)
         self.model = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
         self.pad_to = batch_size if compile else None

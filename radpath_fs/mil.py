@@ -226,14 +226,6 @@ class MILClassifier(nn.Module):
         return self.predict_stream(chunks(), 1, device)[0]
 
 
-def embedding_width(embedder: nn.Module) -> int:
-    """L of a timm model made with num_classes=0. Where a model has a head stage after its
-    features (MobileNetV3, LCNet, GhostNet), timm's `num_features` is the width before that stage
-    and `head_hidden_size` the width of what the model returns."""
-    width = getattr(embedder, "head_hidden_size", None) or embedder.num_features
-    return int(width)
-
-
 def _autocast(device: torch.device):
     # bf16 on CUDA; fp32 on the CPU (CPU autocast would change the numbers, not the speed much).
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -499,11 +491,11 @@ def _select_cases(store: Store, magnification: float, fold: int, source_ok: Call
 
 
 def _embedding_available(store: Store, embedder_id: str, magnification: float) -> Callable[[str], bool]:
-    from radpath_fs.embed import embedding_is_complete
+    from radpath_fs.embed import embedding_count, embedding_is_complete
 
     def ok(case_id: str) -> bool:
         if embedding_is_complete(store, embedder_id, case_id, magnification):
-            return True
+            return embedding_count(store, embedder_id, case_id, magnification) > 0
         if store.group_is_complete("tiles.zarr", f"{case_id}/{mag_key(magnification)}"):
             raise StoreError(
                 f"{store.path('embeddings.zarr', embedder_id, case_id, mag_key(magnification))}: no complete "
@@ -545,7 +537,13 @@ class WSITrainer:
         self.magnification, self.fold, self.mode, self.device = float(magnification), int(fold), mode, device
         self.run_id = wsi_run_id(magnification, fold)
 
-        from radpath_fs.embed import create_embedder, embedder_id, normalization_stats, weights_hash
+        from radpath_fs.embed import (
+            create_embedder,
+            embedder_id,
+            embedding_width,
+            normalization_stats,
+            weights_hash,
+        )
 
         embed_cfg = cfg.embed
         if mode == "finetune" and weights is not None:

@@ -11,20 +11,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from radpath_fs.config import PipelineConfig
 from radpath_fs.progress import console, info
 
 SYNTH_MARKER = ".radpath-synth.json"
+FUSE_MARKER = "stats/fuse_inputs.json"
+REPORT_MARKER = "stats/report_inputs.json"
 
 
 def _step(name: str, skip_reason: str | None, fn: Callable[[], object], timings: dict) -> None:
+    """Run a step unless `skip_reason`; a step whose function returns False found nothing to do."""
     if skip_reason:
         info(f"[dim]- {name}: skipped ({skip_reason})[/dim]")
         return
     console.rule(f"[bold]{name}")
     t0 = time.perf_counter()
-    fn()
-    timings[name] = time.perf_counter() - t0
+    if fn() is not False:
+        timings[name] = time.perf_counter() - t0
 
 
 def synth_is_current(root: Path, cfg) -> bool:
@@ -99,18 +104,21 @@ def run_pipeline(
     _step("ingest", "cases table exists" if has_cases() else None, ingest, timings)
     st = Store(store_url)
     cases = st.cases()
-    folds = cfg.wsi.folds if cfg.wsi.folds is not None else sorted(f for f in cases["fold"].unique() if f >= 0)
+    folds = cfg.wsi.folds if cfg.wsi.folds is not None else sorted(int(f) for f in cases["fold"].unique() if f >= 0)
 
     if cases["has_slide"].any():
         from radpath_fs.wsi import tile_store
 
-        _step("tile", None, lambda: tile_store(store_url, cfg.tile, scheduler=scheduler,
-                                               skip_errors=cfg.ingest.skip_errors), timings)
+        def tile() -> bool:
+            results = tile_store(store_url, cfg.tile, scheduler=scheduler, skip_errors=cfg.ingest.skip_errors)
+            return any(r["status"] != "complete" for r in results)
+
+        _step("tile", None, tile, timings)
         if cfg.wsi.mode == "head":
             from radpath_fs.embed import embed_store
 
-            _step("embed", None, lambda: embed_store(store_url, cfg.embed, device=device, scheduler=scheduler),
-                  timings)
+            _step("embed", None,
+                  lambda: embed_store(store_url, cfg.embed, device=device, scheduler=scheduler)["written"] > 0, timings)
         from radpath_fs.mil import train_wsi
         from radpath_fs.training import has_checkpoint
 
@@ -149,9 +157,65 @@ def run_pipeline(
 
     from radpath_fs.fusion.cli import fuse_store
 
-    _step("fuse", None, lambda: fuse_store(store_url, cfg.fusion, ablations=cfg.fusion.ablations), timings)
+    fuse_inputs = {"predictions": _fingerprint(st, "tables/predictions"), "fusion": cfg.fusion.model_dump(mode="json")}
+
+    def fuse() -> None:
+        fuse_store(store_url, cfg.fusion, ablations=cfg.fusion.ablations)
+        st.write_json(FUSE_MARKER, fuse_inputs)
+
+    fused = st.exists(FUSE_MARKER) and st.read_json(FUSE_MARKER) == fuse_inputs and st.has_table("ensembles")
+    _step("fuse", "ensembles are up to date" if fused else None, fuse, timings)
 
     from radpath_fs.report import write_report
 
-    _step("report", None, lambda: write_report(store_url, out=cfg.report.out, config=cfg), timings)
+    report = Path(cfg.report.out) if cfg.report.out else Path(st.local_path("report"))
+    report_inputs = {"tables": _fingerprint(st, "tables"), "config": cfg.model_dump(mode="json")}
+
+    def write() -> None:
+        write_report(store_url, out=report, config=cfg)
+        st.write_json(REPORT_MARKER, report_inputs)
+
+    current = (report / "index.html").exists() and st.exists(REPORT_MARKER) and st.read_json(REPORT_MARKER) == report_inputs
+    _step("report", "report is up to date" if current else None, write, timings)
+    summary(st, report / "index.html")
     return timings
+
+
+def _fingerprint(store, rel: str) -> dict[str, list]:
+    """Name -> (size, mtime) of every table under `rel`: what a downstream step was computed from."""
+    folder = store.path(rel)
+    if not store.fs.exists(folder):
+        return {}
+    out = {}
+    for path, meta in sorted(store.fs.find(folder, detail=True).items()):
+        name = path[len(folder) + 1:]
+        if name.endswith(".parquet") and not name.rsplit("/", 1)[-1].startswith("."):
+            out[name] = [int(meta.get("size", 0)), str(meta.get("mtime", meta.get("LastModified", "")))]
+    return out
+
+
+def summary(store, report_path: Path) -> None:
+    """The closing table: each candidate's and each ensemble's balanced accuracy, and where things are."""
+    from rich.table import Table
+
+    table = Table(title="radpath run: results (out-of-fold)", show_lines=False)
+    for col in ("model / ensemble", "members", "balanced acc.", "kappa", "F1 micro", "nested bal. acc."):
+        table.add_column(col)
+    if store.list_tables("predictions"):
+        from radpath_fs.fusion.io import load_fusion_data
+        from radpath_fs.fusion.metrics import score
+
+        data = load_fusion_data(store)
+        for m, member in enumerate(data.members):
+            ok = ~np.isnan(data.oof.P[:, m, 0])
+            s = score(data.oof.y[ok], data.oof.P[ok, m].argmax(1), n_boot=0)
+            table.add_row(member.name, str(len(member.model_ids)), f"{s.values['balanced_accuracy']:.3f}",
+                          f"{s.values['kappa']:.3f}", f"{s.values['f1_micro']:.3f}", "")
+    if store.has_table("ensembles"):
+        for r in store.read_table("ensembles").to_dict("records"):
+            table.add_row(("[bold]* " if r["primary"] else "") + r["experiment"], f"{r['n_members']}/{r['n_candidates']}",
+                          f"{r['balanced_accuracy']:.3f}", f"{r['kappa']:.3f}", f"{r['f1_micro']:.3f}",
+                          f"{r['nested_balanced_accuracy']:.3f}" if r["fits_on_oof"] else "(no fit)")
+    console.print(table)
+    info(f"store:  {store.url}")
+    info(f"report: {report_path}")

@@ -33,6 +33,7 @@ def resolve_device(spec: str = "auto"):
 def seed_everything(seed: int) -> None:
     import torch
 
+    seed = int(seed)  # numpy integers (a fold read from Parquet) are not accepted by `random`
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -565,6 +565,12 @@ def tile_store(
                 f"{len(errors)} slide(s) could not be tiled; their part of the store is untouched "
                 f"(rerun with --skip-errors to record them and go on):\n{lines}"
             )
+        done = sum(r["status"] == "done" for r in results)
+        if not done and not errors and store.has_table(TILES_TABLE):
+            # Every slide was complete: the tables already say so, and rewriting them would make
+            # every downstream step think its inputs changed.
+            info(f"all {len(results)} slide(s) already tiled; {store.path('tables', TILES_TABLE + '.parquet')}")
+            return results
         store.write_table(
             ERRORS_TABLE,
             pd.DataFrame(
@@ -581,7 +587,6 @@ def tile_store(
         store.write_table(TILES_TABLE, table)
         if len(table):
             store.write_bytes(TILE_COUNTS_PNG, plot_tile_counts(store, table=table))
-    done = sum(r["status"] == "done" for r in results)
     info(
         f"tiled {done} slide(s), {sum(r['status'] == 'complete' for r in results)} already complete, "
         f"{len(errors)} failed; {len(table)} tiles in {store.path('tables', TILES_TABLE + '.parquet')}"

@@ -1,6 +1,5 @@
 """`radpath ingest`: the round trip from a synthetic cohort, the real CMU slide, and every bad input."""
 
-import gzip
 import hashlib
 import shutil
 import subprocess
@@ -10,8 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pyvips
 import pytest
+import pyvips
 
 from radpath_fs.cohort import ingest
 from radpath_fs.config import IngestConfig, SynthConfig

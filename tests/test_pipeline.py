@@ -1,0 +1,149 @@
+"""`radpath run` end to end on a tiny synthetic cohort, the rerun that skips everything, and the report
+opened in headless Chromium (images must load; a screenshot is kept in artifacts/)."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from radpath_fs.config import load_config
+from radpath_fs.pipeline import run_pipeline
+from radpath_fs.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    pipeline = {
+        "name": "e2e",
+        "seed": 0,
+        "store": str(tmp / "store"),
+        "device": "cpu",
+        "data": {"root": str(tmp / "data"),
+                 "synth": {"cases": 15, "seed": 1, "wsi_size": [2048, 1536], "mri_size": [32, 32, 24], "unlabelled": 2}},
+        "ingest": {"folds": 3, "skip_errors": True},
+        "tile": {"magnifications": [20, 10]},
+        "embed": {"name": "mobilenetv3_small_050", "batch_size": 32},
+        "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 6, "snapshots": [-1, -3], "lr": 1e-3},
+        "predict": {"repeats": 3},
+        "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,
+                "block_config": [1, 1, 1, 1], "epochs": 3, "snapshots": [-1, -2], "batch_size": 3},
+        "fusion": {"bootstrap": 50, "ablations": True},
+        "report": {"cases_shown": 2},
+    }
+    path = tmp / "e2e.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    cfg = load_config(path)
+    first = run_pipeline(cfg)
+    return cfg, Store(cfg.store), first
+
+
+def test_every_step_ran_and_wrote_its_outputs(run):
+    cfg, store, timings = run
+    for step in ("synth", "ingest", "tile", "embed", "predict", "fuse", "report"):
+        assert step in timings, step
+    cases = store.cases()
+    assert len(cases) == 17 and cases["label"].isna().sum() == 2
+    assert len(store.read_table("tiles")) > 0
+    folds = sorted(cases.loc[cases["fold"] >= 0, "fold"].unique())
+    for mag in cfg.wsi.magnifications:
+        for fold in folds:
+            for epoch in cfg.wsi.snapshot_epochs():
+                model_id = f"wsi-mag{mag:g}-fold{fold}-e{epoch}"
+                assert store.exists(f"models/{model_id}/model.safetensors")
+                assert store.has_table(f"predictions/{model_id}--oof")
+    for fold in folds:
+        for epoch in cfg.mri.snapshot_epochs():
+            assert store.has_table(f"predictions/mri-fold{fold}-e{epoch}--oof")
+            assert store.has_table(f"predictions/mri-fold{fold}-e{epoch}--val")
+    ens = store.read_table("ensembles")
+    assert ens["primary"].sum() == 1
+    assert {"mri", "wsi", "all", "pruned", "selected", "stacked-lr"} <= set(ens["experiment"])
+    assert set(ens.loc[ens["experiment"] == "mri", "members"].iloc[0]) == {"mri-e1", "mri-e2"}
+    assert (Path(cfg.store) / "report" / "index.html").exists()
+
+
+def test_rerun_skips_every_step(run):
+    cfg, store, _ = run
+    before = {p: p.stat().st_mtime_ns for p in Path(cfg.store).rglob("*.parquet")}
+    assert run_pipeline(cfg) == {}
+    after = {p: p.stat().st_mtime_ns for p in Path(cfg.store).rglob("*.parquet")}
+    assert after == before
+
+
+def test_query_sees_every_view(run):
+    from radpath_fs.query import query
+
+    cfg, store, _ = run
+    df = query(cfg.store, "SELECT modality, count(DISTINCT model_id) AS n FROM predictions GROUP BY 1 ORDER BY 1")
+    assert df.column("modality").to_pylist() == ["mri", "wsi"]
+    assert min(df.column("n").to_pylist()) > 0
+    assert query(cfg.store, "SELECT count(*) AS n FROM ensembles").column("n")[0].as_py() > 0
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("headless Chromium is needed for the report test: `make test` installs Debian's chromium")
+
+
+def test_report_opens_in_headless_chromium_with_every_image_loaded(run, tmp_path):
+    cfg, store, _ = run
+    page = Path(cfg.store) / "report" / "index.html"
+    html = page.read_text()
+    n_images = len(re.findall(r"<img ", html))
+    assert n_images >= 6 and "http://" not in html and "https://" not in html  # self-contained
+    for section in ("Cohort", "Tiles (Fig. 4)", "Models (out-of-fold", "Ensembles and ablations", "Fig. 5a",
+                    "Fig. 5b", "Confusion matrix", "tile contributions"):
+        assert section in html, section
+    # A copy of the page reports each image's naturalWidth into its title once everything has loaded.
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace(
+        "</body>",
+        "<script>window.addEventListener('load', () => { document.title = 'WIDTHS=' + "
+        "JSON.stringify([...document.images].map(i => i.complete ? i.naturalWidth : 0)); });</script></body>"))
+    chrome = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=10000"]
+    dom = subprocess.run([chrome, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r"WIDTHS=(\[[^<]*\])", dom.stdout)
+    assert m, dom.stderr[-2000:]
+    widths = json.loads(m.group(1))
+    assert len(widths) == n_images and all(w > 0 for w in widths), widths
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report-screenshot.png"
+    subprocess.run([chrome, *flags, "--window-size=1280,3000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_tile_contributions_sum_to_the_logit_through_a_linear_head():
+    import numpy as np
+    import torch
+
+    from radpath_fs.mil import PooledHead
+    from radpath_fs.report import tile_contributions
+
+    torch.manual_seed(0)
+    head = PooledHead(16, 3, hidden=[], dropout=0.5).eval()
+    head.set_standardization(torch.rand(16), torch.rand(16) + 0.5)
+    emb = torch.randn(40, 16)
+    contrib = tile_contributions(head, emb.numpy())
+    assert contrib.shape == (40, 3)
+    with torch.no_grad():
+        logits = head(emb)[0]
+        at_zero = head.classify(torch.zeros(1, 32))[0]  # the logit the pooled vector adds to
+    np.testing.assert_allclose(contrib.sum(0), (logits - at_zero).numpy(), rtol=1e-4, atol=1e-5)
+    # The max half goes only to tiles that won a feature's max: a tile below every other on every
+    # feature gets its mean-half share and nothing else.
+    emb2 = torch.cat([emb, (emb.min(0).values - 1)[None]])
+    c2 = tile_contributions(head, emb2.numpy())
+    g = torch.autograd.functional.jacobian(lambda v: head.classify(v[None])[0], head.pool(emb2[None])[0])
+    np.testing.assert_allclose(c2[-1], (emb2[-1] @ g[:, 16:].T / len(emb2)).numpy(), rtol=1e-4, atol=1e-6)
