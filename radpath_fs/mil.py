@@ -39,6 +39,7 @@ from torch import nn
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
+from radpath_fs.fusion.metrics import balanced_accuracy
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, mag_key
 from radpath_fs.training import (
@@ -447,18 +448,6 @@ def _epoch_seeds(seed: int, epoch: int, stream: int = 0) -> tuple[np.random.Gene
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)])
     a, b = ss.spawn(2)
     return np.random.default_rng(a), int(b.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
-
-
-def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
-    if len(y_true) == 0:
-        return float("nan")
-    import warnings
-
-    from sklearn.metrics import balanced_accuracy_score
-
-    with warnings.catch_warnings():  # a class predicted but absent from y_true is not an error here
-        warnings.simplefilter("ignore")
-        return float(balanced_accuracy_score(y_true, y_pred))
 
 
 def loader_threads(cfg_threads: int | None) -> int:

@@ -49,8 +49,12 @@ def default_splits(cases: pd.DataFrame, fold: int, modality: str = "wsi") -> lis
     return (["oof"] if fold >= 0 else []) + [s for s in SPLITS if s in ("val", "test") and s in present]
 
 
-def split_cases(cases: pd.DataFrame, split: str, fold: int, train_cases: Sequence[str] | None) -> pd.DataFrame:
-    """The rows of the cases table that make up `split` for a model trained without `fold`."""
+def split_cases(cases: pd.DataFrame, split: str, fold: int, train_cases: Sequence[str] | None = None,
+                modality: str | None = None) -> pd.DataFrame:
+    """The rows of the cases table that make up `split` for a model trained without `fold`
+    (only the cases that have the `modality`'s input, when given)."""
+    if modality is not None:
+        cases = cases[cases[_HAS[modality]].astype(bool)]
     labelled = cases["label"].notna()
     if split == "oof":
         if fold < 0:
@@ -144,7 +148,7 @@ def predict_wsi(store_url: Store | str, cfg, model_id: str, splits: list[str] | 
     cases = store.cases()
     written = []
     for split in splits or default_splits(cases, int(config["fold"]), "wsi"):
-        part = split_cases(cases[cases["has_slide"].astype(bool)], split, int(config["fold"]), config.get("train_cases"))
+        part = split_cases(cases, split, int(config["fold"]), config.get("train_cases"), modality="wsi")
         written.append(_predict_split(store, cfg, model_id, model, config, split, part, dev))
     return written
 
@@ -168,44 +172,57 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
     return source, [c for c in case_ids if c not in set(ok)]
 
 
-def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split: str, part: pd.DataFrame, dev) -> str:
+def slide_votes(store: Store, cfg, model_id: str, model, config: dict, case_ids: list[str], dev,
+                what: str = "") -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+    """The paper's inference protocol on these cases: (ids of the cases with tiles, `vote` of their
+    repeats, tiles per case). Cases without embeddings/tiles at the model's magnification are left out.
+
+    Each case is inferred on its own, its tile subsets and augmentation drawn from seeds keyed by
+    (seed, model, case): a case gets the same numbers in any split, in any order, or alone
+    (`radpath predict-case`).
+    """
     import torch
 
     from radpath_fs.mil import Loader, Segment, build_transforms, infer_bags, loader_threads
 
     mag, mode, p = float(config["magnification"]), config["mode"], cfg.predict
-    source, missing = _bag_source(store, config, [str(c) for c in part["case_id"]])
+    source, missing = _bag_source(store, config, case_ids)
     keep = [i for i in range(len(source.case_ids)) if source.n_tiles(i) > 0]
     missing += [c for i, c in enumerate(source.case_ids) if source.n_tiles(i) == 0]
     if missing:
-        warn(f"{model_id} {split}: {len(missing)} case(s) without {'embeddings' if mode == 'head' else 'tiles'} "
+        warn(f"{model_id} {what}: {len(missing)} case(s) without {'embeddings' if mode == 'head' else 'tiles'} "
              f"at magnification {mag_key(mag)} get no row: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    bags = []
-    for j, i in enumerate(keep):
-        rng = np.random.default_rng(_case_seed(cfg.seed, model_id, source.case_ids[i]))
-        n = source.n_tiles(i)
-        for r in range(p.repeats):
-            idx = np.sort(rng.choice(n, size=min(p.tiles_per_slide, n), replace=False))
-            bags.append(Segment(i, idx, j * p.repeats + r))
     transform = None
     if mode == "finetune":
         # The training augmentation, tile by tile (a head-only model's inputs are cached embeddings).
         norm = config["normalization"]
         train_tf, eval_tf = build_transforms(_wsi_section(config), norm["mean"], norm["std"])
         transform = (train_tf if p.augment else eval_tf).to(dev)
-    gen = torch.Generator().manual_seed(int(_case_seed(cfg.seed, model_id, split).generate_state(1)[0]))
+    logits = np.zeros((len(keep), p.repeats, len(CLASSES)), np.float32)
+    total = sum(min(p.tiles_per_slide, source.n_tiles(i)) for i in keep) * p.repeats
     with Loader(source, threads=loader_threads(config["wsi"].get("loader_threads")), depth=2,
-                pin=dev.type == "cuda") as loader, \
-            progress_bar(f"predict {model_id} {split}", sum(len(b.index) for b in bags)) as advance:
-        logits = infer_bags(model, loader, bags, transform=transform, generator=gen, device=dev,
-                            chunk_tiles=p.batch_tiles, advance=advance)
-    ids = [source.case_ids[i] for i in keep]
-    v = vote(logits.reshape(len(keep), p.repeats, len(CLASSES)))
+                pin=dev.type == "cuda") as loader, progress_bar(f"predict {model_id} {what}", total) as advance:
+        for j, i in enumerate(keep):
+            seeds = _case_seed(cfg.seed, model_id, source.case_ids[i])
+            rng = np.random.default_rng(seeds)
+            n = source.n_tiles(i)
+            bags = [Segment(i, np.sort(rng.choice(n, size=min(p.tiles_per_slide, n), replace=False)), r)
+                    for r in range(p.repeats)]
+            gen = torch.Generator().manual_seed(int(seeds.spawn(1)[0].generate_state(1)[0]))
+            logits[j] = infer_bags(model, loader, bags, transform=transform, generator=gen, device=dev,
+                                   chunk_tiles=p.batch_tiles, advance=advance)
+    tiles = np.array([source.n_tiles(i) for i in keep], np.int32)
+    return [source.case_ids[i] for i in keep], vote(logits), tiles
+
+
+def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split: str, part: pd.DataFrame, dev) -> str:
+    mag, p = float(config["magnification"]), cfg.predict
+    ids, v, tiles = slide_votes(store, cfg, model_id, model, config, [str(c) for c in part["case_id"]], dev, split)
     labels = part.set_index("case_id").loc[ids, "label"].tolist() if ids else []
     extra = {f"votes_{c}": v["votes"][:, j].astype(np.int32) for j, c in enumerate(CLASSES)}
     extra["repeats"] = np.full(len(ids), p.repeats, np.int32)
     extra["pred_vote"] = np.array([CLASSES[k] for k in v["pred"]], dtype=str)
-    extra["tiles"] = np.array([source.n_tiles(i) for i in keep], np.int32)
+    extra["tiles"] = tiles
     table = prediction_table(
         model_id=model_id, modality="wsi", magnification=mag, snapshot=int(config["snapshot"]),
         fold=int(config["fold"]), split=split, case_ids=ids, labels=labels, logits=v["logits"], probs=v["probs"],

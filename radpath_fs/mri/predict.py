@@ -9,33 +9,26 @@ Default: oof (when the model has a fold) + every unlabelled split present. Calle
 from __future__ import annotations
 
 import pandas as pd
+import torch
 
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import RadpathError
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader
 from radpath_fs.mri.preprocess import preprocess_cases
 from radpath_fs.mri.train import Runtime, build_network, predict_logits
+from radpath_fs.predict import default_splits, split_cases
 from radpath_fs.predictions import SPLITS, prediction_table, write_predictions
 from radpath_fs.progress import info, warn
 from radpath_fs.store import Store
 from radpath_fs.training import load_checkpoint, resolve_device
 
 
-def split_cases(cases: pd.DataFrame, split: str, fold: int) -> pd.DataFrame:
-    """The cases with MRI that `split` means for a model trained without `fold`."""
-    mri = cases[cases["has_mri"].astype(bool)]
-    labelled = mri[mri["label"].notna()]
-    if split == "oof":
-        return labelled[labelled["fold"].astype(int) == fold] if fold >= 0 else labelled.iloc[:0]
-    if split == "train":
-        return labelled[labelled["fold"].astype(int) != fold] if fold >= 0 else labelled
-    return mri[mri["label"].isna() & (mri["split"] == split)]
-
-
-def default_splits(cases: pd.DataFrame, fold: int) -> list[str]:
-    unlabelled = cases[cases["has_mri"].astype(bool) & cases["label"].isna()]
-    present = [s for s in ("val", "test") if (unlabelled["split"] == s).any()]
-    return (["oof"] if fold >= 0 else []) + present
+def mri_network(state: dict, mcfg: MRITrainConfig, device: str = "auto") -> tuple[torch.nn.Module, Runtime]:
+    """A trained network (weights `state`, architecture `mcfg`) on its device, and its runtime."""
+    rt = Runtime(resolve_device(device), mcfg.channels_last)
+    model = build_network(mcfg)
+    model.load_state_dict(state)
+    return rt.prepare(model), rt
 
 
 def predict_mri(
@@ -58,17 +51,18 @@ def predict_mri(
     mcfg = MRITrainConfig.model_validate(config["mri"])
     fold, snapshot = int(config["fold"]), int(config["snapshot"])
     cases = store.cases()
-    wanted = default_splits(cases, fold) if splits is None else list(splits)
+    wanted = default_splits(cases, fold, "mri") if splits is None else list(splits)
     bad = [s for s in wanted if s not in SPLITS]
     if bad:
         raise RadpathError(f"--split {bad[0]!r}: expected one of {', '.join(SPLITS)}")
 
     todo = []
     for split in wanted:
-        rows = split_cases(cases, split, fold)
         if split == "oof" and fold < 0:
             warn(f"{model_id}: trained on every fold, so it has no out-of-fold cases; skipping split oof")
-        elif rows.empty:
+            continue
+        rows = split_cases(cases, split, fold, config.get("train_cases"), modality="mri")
+        if rows.empty:
             warn(f"{model_id}: no case with MRI in split {split!r}; nothing written for it")
         else:
             todo.append((split, rows))
@@ -76,10 +70,7 @@ def predict_mri(
         return []
     preprocess_cases(store, mcfg, pd.concat([rows for _, rows in todo]).drop_duplicates("case_id"))
 
-    rt = Runtime(resolve_device(device), mcfg.channels_last)
-    model = build_network(mcfg)
-    model.load_state_dict(state)
-    model = rt.prepare(model)
+    model, rt = mri_network(state, mcfg, device)
     workers = min(default_workers(cfg.mri, rt.device), 4)
     written = []
     for split, rows in todo:
