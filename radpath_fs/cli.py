@@ -255,6 +255,41 @@ def run(
     run_pipeline(load_config(pipeline), store=store, scheduler=scheduler, device=device)
 
 
+bundle_app = typer.Typer(help="Off-the-shelf bundles: one ensemble packed for `radpath predict-case`.",
+                         no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("export")
+@_user_errors
+def bundle_export(
+    store: str = StoreOpt,
+    ensemble: str | None = typer.Option(None, "--ensemble", help="ensemble id or experiment (default: the primary)"),
+    out: Path = typer.Option(..., "--out", help="bundle folder to write"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="the pipeline YAML `radpath predict` ran with"),
+):
+    """Pack an ensemble (weights, transforms, normalisation, fusion weights) into one folder."""
+    from radpath_fs.bundle import export_bundle
+
+    export_bundle(store, ensemble, out, config=_config(config))
+
+
+@app.command("predict-case")
+@_user_errors
+def predict_case(
+    case_dir: Path = typer.Argument(..., help="one case: <ID>.tiff|.tif|.svs and/or <ID>_{t1,t1ce,t2,flair}.nii.gz"),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="folder made by `radpath bundle export`"),
+    device: str = DeviceOpt,
+    mpp: float | None = typer.Option(None, "--mpp", help="µm/px of a slide that records none"),
+):
+    """Classify one case folder end to end with a bundle; print the class and probabilities as JSON."""
+    import json
+
+    from radpath_fs.bundle import predict_case as run_case
+
+    print(json.dumps(run_case(bundle, case_dir, device=device, mpp=mpp), indent=2))
+
+
 def main() -> None:
     app()
 

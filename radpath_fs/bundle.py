@@ -1,0 +1,541 @@
+"""Off-the-shelf prediction: one ensemble packed into a folder, and one case run through it.
+
+`radpath bundle export --store S [--ensemble ID] --out B` packs an ensemble of
+`tables/ensembles.parquet` (default: the primary one) into the folder B:
+
+    B/bundle.json                       format version, classes, the ensemble (id, method, members,
+                                        weights), each member's models, the tile recipe, the
+                                        embedders (name, weights hash, seed, transform and
+                                        per-magnification normalisation), the predict settings and
+                                        seed, each MRI member's preprocessing, and a manifest of
+                                        every file with its size and SHA-256
+    B/store.json                        so that B opens as a (read-only, models-only) store
+    B/models/<model_id>/                model.safetensors + config.json of every member's models
+    B/embedders/<embedder_id>/<file>    embedder weights of head-mode slide models, when they are
+                                        not random (random weights are rebuilt from name + seed)
+
+`radpath predict-case --bundle B CASE_DIR` runs one case end to end with the store's own code:
+the slide is tiled (`wsi.tile_case`), embedded (`embed.embed_cases`) and classified by each slide
+model with the paper's inference protocol (`predict.slide_votes`: the same per-(model, case)
+seeds as `radpath predict`), all in a temporary store that is deleted afterwards; the MRI is
+preprocessed (`mri.preprocess_case`) and classified by each DenseNet. Each member's probability is
+the mean over its fold models (or its fold -1 model, where there is one), as fusion does for
+val/test rows, and the members are fused with the ensemble's own estimator and weights. Nothing
+is written to any store or to the bundle.
+
+Case folders (one case; <ID> is the case id, used for the per-case seeds):
+
+    CASE_DIR/<ID>.tiff|.tif|.svs               or  CASE_DIR/Pathology/<ID>.tiff|.tif|.svs
+    CASE_DIR/<ID>_{t1,t1ce,t2,flair}.nii.gz    or  CASE_DIR/Radiology/<ID>/<ID>_{t1,...}.nii.gz
+    (.nii is read too; either the slide or the MRI may be absent)
+
+Members whose input is absent (no MRI, a slide without tissue or coarser than a member's
+magnification) are left out and the others' weights renormalised; the output lists them.
+`radpath fuse` fuses only cases that every member predicted, so only complete cases are
+comparable with `tables/ensemble_predictions.parquet`.
+
+Methods that are a vote of members (soft_vote, prune, greedy, exhaustive: weighted soft votes;
+hard_vote) are packed; stacking (stack_lr, stack_xgb) is refused for now.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from radpath_fs import CLASSES, MODALITIES, __version__
+from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.progress import info, warn
+from radpath_fs.store import LAYOUT_VERSION, Store, check_name, mag_key
+
+BUNDLE_JSON = "bundle.json"
+FORMAT = "radpath-bundle"
+FORMAT_VERSION = 1
+# Methods whose fused probability is a vote of the members with the weights in ensembles.parquet.
+VOTE_METHODS = ("soft_vote", "hard_vote", "prune", "greedy", "exhaustive")
+MODEL_FILES = ("model.safetensors", "config.json")
+
+
+# ---- export ------------------------------------------------------------------------------------
+def choose_ensemble(store: Store, ensemble_id: str | None) -> dict:
+    """A row of tables/ensembles.parquet: by id, else by experiment name (latest), else the primary."""
+    if not store.has_table("ensembles"):
+        raise StoreError(f"{store.path(store.table_rel('ensembles'))}: no ensembles; run `radpath fuse` first")
+    table = store.read_table("ensembles").sort_values("created", ascending=False, kind="stable")
+    if ensemble_id is None:
+        rows = table[table["primary"]]
+        what = "primary ensemble"
+    else:
+        rows = table[table["id"] == ensemble_id]
+        if rows.empty:
+            rows = table[table["experiment"] == ensemble_id]
+        what = f"ensemble {ensemble_id!r}"
+    if rows.empty:
+        raise RadpathError(f"{store.path(store.table_rel('ensembles'))}: no {what}; ensembles are "
+                           f"{', '.join(table['id'])}")
+    if len(rows) > 1:
+        warn(f"{len(rows)} rows match the {what} (several `radpath fuse` runs); taking the latest, {rows['id'].iloc[0]}")
+    row = rows.iloc[0].to_dict()
+    for key in ("members", "candidates", "weights"):
+        row[key] = None if row[key] is None else [x.item() if hasattr(x, "item") else x for x in row[key]]
+    return row
+
+
+def _member_models(store: Store, member) -> tuple[list[str], dict[str, dict]]:
+    """The models that give a member's val/test probability, and every model's config.json.
+
+    As fusion does for unlabelled rows: the model(s) trained on every case (fold -1) where there is
+    one, else the mean over the fold models.
+    """
+    from radpath_fs.predict import model_config
+
+    configs = {m: model_config(store, m) for m in member.model_ids}
+    full = [m for m, c in configs.items() if int(c.get("fold", 0)) < 0]
+    chosen = full or sorted(configs)
+    return chosen, {m: configs[m] for m in chosen}
+
+
+def _check_predict_settings(store: Store, configs: dict[str, dict], cfg) -> None:
+    """The WSI tables record their repeats: a config that is not the one `radpath predict` used
+    would give other numbers, so it is refused here rather than found out later."""
+    from radpath_fs.predictions import table_name
+
+    seeds = sorted({int(c["seed"]) for c in configs.values() if "seed" in c})
+    if seeds and seeds != [int(cfg.seed)]:
+        warn(f"the models were trained with seed {', '.join(map(str, seeds))} and the config says {cfg.seed}: "
+             "predict-case draws tiles with the config's seed, as `radpath predict` with this config would")
+    for mid in sorted(configs):
+        for split in ("val", "test", "oof"):
+            if store.has_table(table_name(mid, split)):
+                df = store.read_table(table_name(mid, split))
+                if "repeats" in df and len(df) and (df["repeats"] != cfg.predict.repeats).any():
+                    raise ConfigError(
+                        f"{store.path(store.table_rel(table_name(mid, split)))}: predicted with "
+                        f"predict.repeats={int(df['repeats'].iloc[0])}, the config says {cfg.predict.repeats}; "
+                        "pass the pipeline config `radpath predict` used (--config)")
+                break
+
+
+def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
+    """The tile config the store's slides were tiled with, for the magnifications a case needs.
+
+    The recipe (tile size, codec, background rule, kernel) is read from the tile groups' attrs. The
+    magnifications are every one the store tiled down to the coarsest member's: a level is reduced
+    from a finer one, and the chain of reductions decides its pixels.
+    """
+    from radpath_fs.config import TileConfig
+    from radpath_fs.tilestore import TILES, tile_group_attrs
+
+    mags = sorted({float(c["magnification"]) for c in wsi_configs.values()}, reverse=True)
+    attrs = None
+    for c in wsi_configs.values():
+        for case in c.get("train_cases") or []:
+            if store.group_is_complete(TILES, f"{case}/{mag_key(c['magnification'])}"):
+                attrs = tile_group_attrs(store, case, float(c["magnification"]))
+                break
+        if attrs is not None:
+            break
+    if attrs is None:
+        raise StoreError(f"{store.path(TILES)}: no complete tile group of the members' training cases; "
+                         "the tile recipe cannot be read")
+    tiled = (sorted(set(store.read_table("tiles")["magnification"].astype(float))) if store.has_table("tiles")
+             else list(cfg.tile.magnifications))
+    chain = sorted({m for m in [*tiled, *mags] if m >= min(mags)}, reverse=True)
+    level = {"jpeg": "jpeg_quality", "zstd": "zstd_level"}[attrs["codec"]]
+    recipe = {k: attrs[k] for k in ("tile_size", "codec", "background_threshold", "background_fraction",
+                                    "downsample_kernel")}
+    return TileConfig.model_validate({**cfg.tile.model_dump(mode="json"), **recipe,
+                                      level: attrs["compression_level"], "magnifications": chain}).model_dump(mode="json")
+
+
+def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> dict:
+    """What rebuilds a head-mode model's embedder: its config, weights and per-magnification transform."""
+    from radpath_fs.embed import embedding_attrs, embedding_is_complete, weights_hash
+
+    first = configs[0]
+    embed = dict(first["embed"])
+    record = {"id": eid, "name": embed["name"], "weights_hash": first["embedder"]["weights_hash"],
+              "seed": embed["seed"], "embed": embed, "file": None, "transform": {}}
+    for c in configs:
+        mag = float(c["magnification"])
+        mk = mag_key(mag)
+        if mk in record["transform"]:
+            continue
+        case = next((k for k in c.get("train_cases") or [] if embedding_is_complete(store, eid, k, mag)), None)
+        if case is None:
+            raise StoreError(f"{store.path('embeddings.zarr', eid)}: no complete embeddings of {c['model_id']}'s "
+                             f"training cases at magnification {mk}; the normalisation cannot be read")
+        record["transform"][mk] = embedding_attrs(store, eid, case, mag)["transform"]
+    folder = out / "embedders" / eid
+    if embed.get("weights"):
+        src = Path(embed["weights"])
+        if not src.is_file():
+            raise InputError(src, f"weights file of embedder {eid} not found; the bundle needs it")
+        if weights_hash(src) != record["weights_hash"]:
+            raise InputError(src, f"weights changed since the embeddings were made (hash {weights_hash(src)}, "
+                                  f"embedder {eid} was {record['weights_hash']})")
+        folder.mkdir(parents=True)
+        shutil.copyfile(src, folder / src.name)
+        record["file"] = f"embedders/{eid}/{src.name}"
+    elif embed.get("pretrained"):
+        # timm's pretrained weights (its cache on this machine): saved, so predict-case never downloads.
+        from safetensors.torch import save_file
+
+        from radpath_fs.embed import create_embedder
+
+        model = create_embedder(embed["name"], pretrained=True)
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"))
+        record["file"] = f"embedders/{eid}/weights.safetensors"
+    return record
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Path, *, config=None) -> Path:
+    """`radpath bundle export`: pack an ensemble (default: the primary one) into the folder `out`.
+
+    `config` is the PipelineConfig `radpath predict` ran with (its predict settings and seed are
+    what makes predict-case give the same numbers); default: the paper's recipe. Returns `out`.
+    """
+    from radpath_fs.config import PipelineConfig
+    from radpath_fs.fusion.io import load_fusion_data
+    from radpath_fs.mri.preprocess import PREPROCESS_VERSION
+    from radpath_fs.training import config_json
+
+    cfg = config or PipelineConfig()
+    store = store_url if isinstance(store_url, Store) else Store(store_url)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / BUNDLE_JSON).is_file())):
+        raise InputError(out, "exists and is not a bundle; refusing to overwrite it")
+    row = choose_ensemble(store, ensemble_id)
+    if row["method"] not in VOTE_METHODS:
+        raise RadpathError(
+            f"ensemble {row['id']} uses method {row['method']!r}, a learned stacker over every member's "
+            f"probabilities; bundles pack votes of members only ({', '.join(VOTE_METHODS)}). Pick another "
+            "ensemble with --ensemble (`radpath query \"SELECT id, method FROM ensembles\"`)")
+    by_name = {m.name: m for m in load_fusion_data(store).members}
+    lost = [n for n in row["members"] if n not in by_name]
+    if lost:
+        raise StoreError(f"{store.path(store.table_rel('ensembles'))}: ensemble {row['id']} names member(s) "
+                         f"{', '.join(lost)} that the prediction tables no longer hold; rerun `radpath fuse`")
+    weights = row["weights"] or [1.0 / len(row["members"])] * len(row["members"])
+
+    tmp = out.parent / f".tmp-{uuid.uuid4().hex}-{out.name}"
+    tmp.mkdir(parents=True)
+    try:
+        members, configs = [], {}
+        for name, weight in zip(row["members"], weights, strict=True):
+            m = by_name[name]
+            chosen, cfgs = _member_models(store, m)
+            configs.update(cfgs)
+            entry = {"name": name, "modality": m.modality, "magnification": m.magnification,
+                     "snapshot": m.snapshot, "weight": float(weight), "model_ids": chosen,
+                     "folds": [int(cfgs[i]["fold"]) for i in chosen]}
+            if m.modality == "wsi":
+                entry["mode"] = cfgs[chosen[0]]["mode"]
+            else:
+                mri = cfgs[chosen[0]]["mri"]
+                entry["mri"] = {"preprocess_version": PREPROCESS_VERSION, "modalities": mri["modalities"],
+                                "spatial_size": mri["spatial_size"], "network": mri["network"]}
+            members.append(entry)
+        wsi = {i: c for i, c in configs.items() if c["modality"] == "wsi"}
+        _check_predict_settings(store, wsi, cfg)
+        for mid in sorted(configs):
+            (tmp / "models" / mid).mkdir(parents=True)
+            for fname in MODEL_FILES:
+                (tmp / "models" / mid / fname).write_bytes(store.fs.cat_file(store.path("models", mid, fname)))
+        embedders = {}
+        for eid in sorted({c["embedder"]["id"] for c in wsi.values() if c["mode"] == "head"}):
+            group = [{**c, "model_id": i} for i, c in sorted(wsi.items())
+                     if c["mode"] == "head" and c["embedder"]["id"] == eid]
+            embedders[eid] = _embedder_record(store, eid, group, tmp)
+        (tmp / "store.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION, "kind": "bundle"}))
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        spec = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "radpath_fs_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source_store": store.url,
+            "classes": list(CLASSES),
+            "ensemble": {k: row[k] for k in ("id", "experiment", "description", "method", "members")}
+            | {"weights": [float(w) for w in weights],
+               "metrics": {k: _float(row.get(k)) for k in ("balanced_accuracy", "kappa", "f1_micro",
+                                                           "nested_balanced_accuracy", "nested_kappa",
+                                                           "nested_f1_micro")},
+               "n_cases": int(row["n_cases"])},
+            "members": members,
+            "seed": int(cfg.seed),
+            "predict": config_json(cfg.predict),
+            "tile": _tile_recipe(store, wsi, cfg) if wsi else None,
+            "embedders": embedders,
+            "files": files,
+        }
+        (tmp / BUNDLE_JSON).write_text(json.dumps(spec, indent=2, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f["bytes"] for f in files.values())
+    info(f"bundle: ensemble {row['id']} ({row['method']}, {len(members)} members, {len(configs)} models, "
+         f"{len(embedders)} embedder(s), {size / 2**20:.1f} MiB) -> {out}")
+    return out
+
+
+def _float(v) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+# ---- reading a bundle --------------------------------------------------------------------------
+def read_bundle(bundle: str | Path) -> dict:
+    """bundle.json, after checking that every file it lists is there, whole and unchanged."""
+    bundle = Path(bundle)
+    meta = bundle / BUNDLE_JSON
+    if not bundle.is_dir():
+        raise InputError(bundle, "no such bundle folder (make one with `radpath bundle export`)")
+    if not meta.is_file():
+        raise InputError(meta, "missing: not a radpath bundle (made by `radpath bundle export`)")
+    try:
+        spec = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(meta, f"not readable JSON ({e})") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise InputError(meta, f"not a radpath bundle (format {spec.get('format') if isinstance(spec, dict) else None!r})")
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise InputError(meta, f"bundle format version {spec.get('format_version')!r}; this radpath_fs reads "
+                               f"version {FORMAT_VERSION}")
+    if list(spec.get("classes", [])) != list(CLASSES):
+        raise InputError(meta, f"classes {spec.get('classes')} differ from {list(CLASSES)}")
+    for rel, f in spec["files"].items():
+        path = bundle / rel
+        if not path.is_file():
+            raise InputError(path, "missing from the bundle (bundle.json lists it); re-export the bundle")
+        if path.stat().st_size != f["bytes"] or _sha256(path) != f["sha256"]:
+            raise InputError(path, "differs from the file bundle.json lists (size or SHA-256); the bundle is "
+                                   "damaged, re-export it")
+    return spec
+
+
+# ---- a case folder -----------------------------------------------------------------------------
+_MRI_NAME = re.compile(r"^(?P<id>.+)_(?P<mod>t1ce|t1|t2|flair)\.nii(\.gz)?$")
+LAYOUTS = ("<ID>.tiff|.tif|.svs or Pathology/<ID>.tiff|.tif|.svs (the slide); "
+           "<ID>_{t1,t1ce,t2,flair}.nii.gz or Radiology/<ID>/<ID>_{t1,...}.nii.gz (the MRI)")
+
+
+@dataclass
+class CaseFiles:
+    case_id: str
+    slide: Path | None
+    mri: dict[str, str] | None  # modality -> file, every modality the bundle's MRI members need
+
+
+def find_case(case_dir: str | Path, modalities: list[str] | None = None) -> CaseFiles:
+    """The one case of `case_dir` (see the module doc for the layouts)."""
+    from radpath_fs.cohort import SLIDE_SUFFIXES
+
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        raise InputError(case_dir, "case folder does not exist")
+    slides = [p for d in (case_dir, case_dir / "Pathology") if d.is_dir()
+              for p in sorted(d.iterdir()) if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES]
+    if len(slides) > 1:
+        raise InputError(slides[1], f"a second slide (also {slides[0]}); a case folder holds one case")
+    mri_dirs = [case_dir] + (sorted(p for p in (case_dir / "Radiology").iterdir() if p.is_dir())
+                             if (case_dir / "Radiology").is_dir() else [])
+    found: dict[str, dict[str, Path]] = {}
+    for d in mri_dirs:
+        for p in sorted(d.iterdir()):
+            m = _MRI_NAME.match(p.name)
+            if m and p.is_file():
+                found.setdefault(m["id"], {}).setdefault(m["mod"], p)
+    if len(found) > 1:
+        raise InputError(case_dir, f"MRI of several cases ({', '.join(sorted(found))}); a case folder holds one case")
+    slide = slides[0] if slides else None
+    mri_id, volumes = next(iter(found.items())) if found else (None, {})
+    if slide is None and not volumes:
+        raise InputError(case_dir, f"no slide and no MRI found; expected {LAYOUTS}")
+    case_id = slide.stem if slide is not None else mri_id
+    if slide is not None and mri_id is not None and mri_id != case_id:
+        raise InputError(next(iter(volumes.values())), f"MRI of case {mri_id}, but the slide is of case {case_id}")
+    try:
+        check_name(case_id, "case id")
+    except StoreError as e:
+        raise InputError(slide or next(iter(volumes.values())), str(e)) from None
+    mri = None
+    if volumes and modalities:
+        missing = [m for m in modalities if m not in volumes]
+        if missing:
+            where = next(iter(volumes.values())).parent
+            raise InputError(where / f"{case_id}_{missing[0]}.nii.gz",
+                             f"missing MRI modality {missing[0]} (the ensemble's MRI models read {', '.join(modalities)})")
+        mri = {m: str(volumes[m]) for m in modalities}
+    return CaseFiles(case_id, slide, mri)
+
+
+# ---- predict-case ------------------------------------------------------------------------------
+def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: CaseFiles, dev, mpp: float | None,
+                         cfg) -> dict[str, dict]:
+    """Per slide model: {probabilities, votes, tiles}; models whose magnification has no tissue get none."""
+    from radpath_fs.cohort import read_slide_info
+    from radpath_fs.config import EmbedConfig, TileConfig
+    from radpath_fs.embed import embed_cases, embedder_id, embedding_attrs, embedding_is_complete
+    from radpath_fs.mil import load_wsi_model
+    from radpath_fs.predict import slide_votes
+    from radpath_fs.wsi import tile_case
+
+    slide = read_slide_info(case.slide)
+    native = slide.mpp if slide.mpp is not None else mpp
+    if native is None:
+        raise InputError(case.slide, "µm/px unknown: no Aperio MPP and no TIFF resolution; pass --mpp")
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="radpath-case-") as tmp:
+        work = Store(tmp, create=True)
+        summary = tile_case({"case_id": case.case_id, "slide_path": str(case.slide), "slide_mpp": float(native)},
+                            store_url=work.url, cfg=TileConfig.model_validate(spec["tile"]))
+        if summary["status"] == "error":
+            raise RadpathError(summary["error"])
+        for mag, why in summary["skipped"]:
+            warn(f"magnification {mag_key(mag)} skipped: {why}")
+        work_ids = {}
+        for eid, e in spec["embedders"].items():
+            ecfg = {**e["embed"], "weights": str(bstore.local_path(e["file"])) if e["file"] else None,
+                    "pretrained": False}
+            work_ids[eid] = embedder_id(EmbedConfig.model_validate(ecfg))
+            stats = {mk: (t["mean"], t["std"]) for mk, t in e["transform"].items()}
+            embed_cases([case.case_id], store_url=work.url, cfg=ecfg, mag_keys=sorted(stats, key=float),
+                        stats=stats, device=str(dev))
+            for mk, record in e["transform"].items():
+                if embedding_is_complete(work, work_ids[eid], case.case_id, float(mk)):
+                    made = embedding_attrs(work, work_ids[eid], case.case_id, float(mk))["transform"]
+                    if made != record:
+                        raise StoreError(f"{bstore.path(BUNDLE_JSON)}: embedder {eid} at {mk}x rebuilt with transform "
+                                         f"{made}, the bundle records {record}; re-export the bundle")
+        for member in members:
+            for mid in member["model_ids"]:
+                model, config = load_wsi_model(bstore, mid, dev)
+                if config["mode"] == "head":
+                    config = {**config, "embedder": {**config["embedder"], "id": work_ids[config["embedder"]["id"]]}}
+                ids, v, tiles = slide_votes(work, cfg, mid, model, config, [case.case_id], dev, "case")
+                if ids:
+                    out[mid] = {"probabilities": _cast(v["probs"][0]), "votes": v["votes"][0].astype(int).tolist(),
+                                "class_vote": CLASSES[int(v["pred"][0])], "tiles": int(tiles[0])}
+    return out
+
+
+def _mri_probabilities(bstore: Store, members: list[dict], case: CaseFiles, device: str) -> dict[str, dict]:
+    import torch
+
+    from radpath_fs.config import MRITrainConfig
+    from radpath_fs.mri.predict import mri_network
+    from radpath_fs.mri.preprocess import preprocess_case
+    from radpath_fs.mri.train import predict_logits
+    from radpath_fs.predictions import softmax
+    from radpath_fs.training import load_checkpoint
+
+    volumes: dict[str, np.ndarray] = {}
+    out = {}
+    for member in members:
+        for mid in member["model_ids"]:
+            state, config = load_checkpoint(bstore, mid)
+            mcfg = MRITrainConfig.model_validate(config["mri"])
+            key = json.dumps([mcfg.modalities, list(mcfg.spatial_size)])
+            if key not in volumes:
+                volumes[key] = preprocess_case({m: case.mri[m] for m in mcfg.modalities}, mcfg, case.case_id)[0]
+            model, rt = mri_network(state, mcfg, device)
+            logits = predict_logits(model, [(torch.from_numpy(volumes[key])[None], None, None)], rt)
+            out[mid] = {"probabilities": _cast(softmax(logits.astype(np.float64))[0]),
+                        "logits": logits[0].astype(float).tolist()}
+    return out
+
+
+def _cast(p: np.ndarray) -> list[float]:
+    # As the prediction tables hold them: normalised, then float32.
+    p = np.asarray(p, dtype=np.float64)
+    return (p / p.sum()).astype(np.float32).astype(np.float64).tolist()
+
+
+def predict_case(bundle: str | Path, case_dir: str | Path, device: str = "auto", *, mpp: float | None = None) -> dict:
+    """`radpath predict-case`: one case folder through a bundle; returns the JSON-able result.
+
+    `mpp`: µm/px of a slide that records none. Writes nothing but a temporary folder it deletes.
+    """
+    from radpath_fs.config import PipelineConfig, PredictConfig
+    from radpath_fs.fusion.methods import HardVote, SoftVote
+    from radpath_fs.training import resolve_device
+
+    bundle = Path(bundle)
+    spec = read_bundle(bundle)
+    dev = resolve_device(device)
+    members = spec["members"]
+    wsi = [m for m in members if m["modality"] == "wsi"]
+    mri = [m for m in members if m["modality"] == "mri"]
+    modalities = sorted({x for m in mri for x in m["mri"]["modalities"]}, key=list(MODALITIES).index)
+    case = find_case(case_dir, modalities)
+    if (case.slide is None or not wsi) and (case.mri is None or not mri):
+        needs = " and ".join(w for w, ms in (("a slide", wsi), ("the MRI", mri)) if ms)
+        raise InputError(case_dir, f"the ensemble's members read {needs}, and the folder holds none of it; "
+                                   f"expected {LAYOUTS}")
+    bstore = Store(bundle)
+    cfg = PipelineConfig(seed=spec["seed"], predict=PredictConfig.model_validate(spec["predict"]))
+    info(f"case {case.case_id}: slide {case.slide or '-'}, MRI {'yes' if case.mri else '-'}; "
+         f"ensemble {spec['ensemble']['id']} on {dev}")
+    models: dict[str, dict] = {}
+    if case.slide is not None and wsi:
+        models.update(_slide_probabilities(bstore, spec, wsi, case, dev, mpp, cfg))
+    if case.mri is not None and mri:
+        models.update(_mri_probabilities(bstore, mri, case, str(dev)))
+
+    per_member, present, missing = {}, [], []
+    for m in members:
+        got = [models[i] for i in m["model_ids"] if i in models]
+        if not got:
+            missing.append(m["name"])
+            continue
+        # The mean over the fold models, as fusion arranges val/test rows.
+        probs = np.mean([g["probabilities"] for g in got], axis=0)
+        present.append((m, probs))
+        per_member[m["name"]] = {"weight": m["weight"], "probabilities": dict(zip(CLASSES, probs.tolist(), strict=True)),
+                                 "models": {i: models[i] for i in m["model_ids"] if i in models}}
+    if not present:
+        raise InputError(case_dir, f"no member of ensemble {spec['ensemble']['id']} could run on this case "
+                                   f"(members {', '.join(missing)}: no tissue tiles at their magnification?)")
+    if missing:
+        warn(f"case {case.case_id}: member(s) {', '.join(missing)} have no input here; the others' weights are "
+             "renormalised (`radpath fuse` would not fuse an incomplete case)")
+    P = np.stack([p for _, p in present])[None]
+    method = spec["ensemble"]["method"]
+    est = HardVote() if method == "hard_vote" else SoftVote(weights=[m["weight"] for m, _ in present])
+    est.fit(P)
+    proba = est.predict_proba(P)[0]
+    return {
+        "case_id": case.case_id,
+        "class": CLASSES[int(est.predict(P)[0])],
+        "probabilities": dict(zip(CLASSES, proba.astype(float).tolist(), strict=True)),
+        "ensemble": {k: spec["ensemble"][k] for k in ("id", "experiment", "method")},
+        "members": per_member,
+        "missing_members": missing,
+        "inputs": {"slide": None if case.slide is None else str(case.slide), "mri": case.mri},
+        "device": str(dev),
+    }
+
+
+__all__ = ["CaseFiles", "choose_ensemble", "export_bundle", "find_case", "predict_case", "read_bundle"]
