@@ -193,7 +193,10 @@ class Store:
 
         for part in path.split("/"):
             check_name(part, "group name")
-        zarr.open_group(store=self.zarr_store(name), mode="a")  # root exists before children
+        try:  # the root exists before children; parallel writers of other slides may race to it
+            zarr.open_group(store=self.zarr_store(name), mode="a")
+        except zarr.errors.ContainsGroupError:
+            pass
         return zarr.open_group(store=self.zarr_store(name), path=path, mode="w")
 
     def open_group(self, name: str, path: str, mode: str = "r"):

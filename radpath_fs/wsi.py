@@ -555,6 +555,7 @@ def tile_store(
     slides = cases[cases["has_slide"].astype(bool)].reset_index(drop=True)
     items = [_case_item(row) for row in slides.to_dict("records")]
     with store.lock("tile"):
+        store.open_zarr(TILES)  # the root exists before the tasks write its children
         results = map_tasks(tile_case, items, scheduler=scheduler, description="tile slides",
                             store_url=store.url, cfg=cfg)
         _warn_skipped(results)
