@@ -131,7 +131,7 @@ def embed(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
     embedder: str | None = typer.Option(None, "--embedder", help="any timm model name"),
-    weights: Path | None = typer.Option(None, "--weights", help=".safetensors or .pth state dict"),
+    weights: Path | None = typer.Option(None, "--weights", help=".safetensors or .pth state dict (tensors only: weights_only loading)"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     device: str = DeviceOpt,
     scheduler: str = SchedulerOpt,
@@ -173,11 +173,14 @@ def train_mri(
     device: str = DeviceOpt,
     scheduler: str = SchedulerOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume"),
+    skip_errors: bool = typer.Option(False, "--skip-errors",
+                                     help="list unreadable MRI cases in tables/mri_errors.parquet; train without them"),
 ):
     """Preprocess the MRI (cached in mri.zarr) and train the 3D DenseNet for one fold."""
     from radpath_fs.mri import train_mri as run_train
 
-    run_train(store, _config(config), fold=fold, device=device, scheduler=scheduler, resume=resume)
+    run_train(store, _config(config), fold=fold, device=device, scheduler=scheduler, resume=resume,
+              skip_errors=skip_errors)
 
 
 @app.command()

@@ -133,6 +133,8 @@ def read_labels(path: Path) -> pd.DataFrame:
         raise InputError(path, "labels CSV does not exist")
     try:
         df = pd.read_csv(path, dtype={"CPM_RadPath_2019_ID": str, "class": str})
+    except pd.errors.EmptyDataError:
+        raise InputError(path, f"labels CSV is empty; expected the header {','.join(LABEL_COLUMNS)},age_in_days") from None
     except Exception as e:
         raise InputError(path, f"not a readable CSV ({e})") from None
     missing = [c for c in LABEL_COLUMNS if c not in df.columns]
@@ -149,6 +151,17 @@ def read_labels(path: Path) -> pd.DataFrame:
             f"class {row['class']!r} for {row['CPM_RadPath_2019_ID']} (line {bad.index[0] + 2}) "
             f"is not one of {list(CLASSES)}",
         )
+    if "age_in_days" in df.columns:
+        age = pd.to_numeric(df["age_in_days"], errors="coerce")
+        bad = df[(age.isna() & df["age_in_days"].notna()) | (age < 0)]
+        if len(bad):
+            i = bad.index[0]
+            raise InputError(
+                path,
+                f"age_in_days {str(df.at[i, 'age_in_days'])!r} for {df.at[i, 'CPM_RadPath_2019_ID']} (line {i + 2}) "
+                "is not a non-negative number of days",
+            )
+        df["age_in_days"] = age
     return df
 
 
@@ -276,6 +289,12 @@ def ingest(
     if unlabelled_split not in ("val", "test"):
         raise RadpathError(f"--unlabelled-split {unlabelled_split!r}: expected val or test")
     data, labels = Path(data), (Path(labels) if labels else None)
+    try:
+        existing = Store(store_url)
+    except StoreError:
+        existing = None  # a new store is made only once the cohort is valid
+    if existing is not None:
+        existing.check_unlocked()  # a second writer fails now, not after the validation
     records = scan(data, labels)
     if not records:
         raise InputError(data, "no cases found")

@@ -73,7 +73,9 @@ class TileConfig(Section):
     background_threshold: int = Field(180, ge=0, le=255)
     background_fraction: float = Field(0.75, gt=0, le=1)
     codec: Literal["zstd", "jpeg"] = "zstd"
-    zstd_level: int = Field(1, ge=1, le=22)
+    # Negative levels are zstd's fast modes: on H&E tiles -20 compresses ~1.8x faster than 1 for a
+    # ~40% larger store (still lossless); the lowest zstd takes is -131072.
+    zstd_level: int = Field(1, ge=-131072, le=22)
     jpeg_quality: int = Field(95, ge=1, le=100)
     tiles_per_shard: int = Field(64, ge=1)
     # Relative slack when matching µm/px: a slide at 0.499 µm/px is native 20x, and 10x is then an
@@ -102,6 +104,10 @@ class EmbedConfig(Section):
     batch_size: int = Field(256, ge=1)
     compile: bool = False
     magnifications: list[float] | None = None  # None: every magnification in the tile store
+    # Torch threads per embedding task on the CPU; None shares the cores among local workers.
+    # A CPU convolution's float sums depend on how many threads split it: give one number to get
+    # byte-identical embeddings under every scheduler and machine.
+    cpu_threads: int | None = Field(None, ge=1)
 
 
 class ColorJitterConfig(Section):

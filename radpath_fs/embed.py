@@ -2,8 +2,9 @@
 
 - `create_embedder(name, weights=None, pretrained=False)`: a timm model without its classifier
   (``num_classes=0``), ``.num_features`` = L. Weights come from a local .safetensors/.pth state
-  dict (tensors only: safetensors or ``torch.load(weights_only=True)``), from timm's own source
-  when asked (``pretrained=True``, online machines), or are random from a seed.
+  dict (tensors only: safetensors, or ``torch.load(weights_only=True)`` whose restricted unpickler
+  builds tensors and containers and refuses everything else), from timm's own source when asked
+  (``pretrained=True``, online machines), or are random from a seed.
 - `embedder_id(cfg)`: the store name of an embedder, encoding model, weights and transform,
   e.g. ``efficientnet_b0-random-s0-c224-dataset`` or ``efficientnet_b0-w3fa2c1d9e0b7-c224-imagenet``.
 - `tile_normalization(store, mags)`: per-channel mean/std of the training tiles, by a streaming
@@ -87,18 +88,16 @@ def embedding_width(embedder) -> int:
 def _read_state_dict(path: Path) -> dict:
     import torch
 
+    from radpath_fs.training import load_safetensors_bytes
+
     if not path.is_file():
         raise InputError(path, "weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(path, f"not a readable safetensors file ({e})") from None
+        return load_safetensors_bytes(path.read_bytes(), str(path))
     if path.suffix not in _WEIGHT_SUFFIXES:
         raise InputError(path, f"unknown weights format; expected one of {', '.join(_WEIGHT_SUFFIXES)}")
+    # Published weights are mostly .pth: the restricted unpickler builds tensors and plain
+    # containers only and refuses any other global, so nothing of the file's choosing runs.
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for non-tensor pickles, RuntimeError for non-zip files
@@ -609,13 +608,16 @@ def embed_cases(
 
     Returns a small summary {written: [[case, mag]], skipped: [...], incomplete_tiles: [...], tiles: n}.
     """
-    import torch
+    from radpath_fs.training import cpu_threads
 
+    with cpu_threads(torch_threads):
+        return _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress)
+
+
+def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress) -> dict:
     from radpath_fs.progress import progress_bar
     from radpath_fs.training import resolve_device
 
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
     store = Store(store_url)
     ecfg = EmbedConfig.model_validate(cfg)
     eid = embedder_id(ecfg)
@@ -733,7 +735,7 @@ def embed_store(
         for c in todo:
             g.require_group(c)
         workers = _local_workers(scheduler)
-        torch_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        torch_threads = cfg.cpu_threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
         info(f"embedding {len(todo)} slides with {eid} on {dev} ({scheduler})")
         kwargs = dict(
             store_url=store.url,

@@ -24,9 +24,9 @@ gives the same bytes as an uninterrupted one on the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +44,7 @@ from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, mag_key
 from radpath_fs.training import (
     config_json,
+    cpu_threads,
     has_checkpoint,
     inverse_frequency_weights,
     load_safetensors_bytes,
@@ -715,15 +716,20 @@ class WSITrainer:
                 tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         name = f"e{epoch}.safetensors"
         self.store.write_bytes(f"{self._state_dir()}/{name}", save(tensors))
-        previous = self._read_state()
         self.store.write_json(f"{self._state_dir()}/state.json", {
             "epoch": epoch, "file": name, "fingerprint": self.fingerprint(),
             "param_groups": opt["param_groups"], "history": history,
         })
-        if previous and previous.get("file") != name:
-            old = self.store.path(self._state_dir(), previous["file"])
-            if self.store.fs.exists(old):
-                self.store.fs.rm(old)
+        self._drop_states_but(name)
+
+    def _drop_states_but(self, keep: str) -> None:
+        """Delete the weights files state.json no longer points to, including those of a run
+        killed between writing state.json and deleting the file it replaced."""
+        folder = self.store.path(self._state_dir())
+        for path in self.store.fs.ls(folder, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if re.fullmatch(r"e\d+\.safetensors", name) and name != keep:
+                self.store.fs.rm(path)
 
     def _read_state(self) -> dict | None:
         rel = f"{self._state_dir()}/state.json"
@@ -746,6 +752,7 @@ class WSITrainer:
                 _, pid, name = k.split(".", 2)
                 opt_state.setdefault(int(pid), {})[name] = v
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        self._drop_states_but(state["file"])
         return int(state["epoch"]), list(state["history"])
 
     # -- the run --------------------------------------------------------------------------------
@@ -805,27 +812,14 @@ def train_wsi(
     mode = mode or cfg.wsi.mode
     if weights is not None and not Path(weights).is_file():
         raise RadpathError(f"--weights {weights}: no such file")
-    with store.lock("train-wsi"), _cpu_threads(1 if mode == "head" and dev.type == "cpu" else None):
+    # The head's tensors are ~100 KB a step: intra-op threads only add synchronisation there
+    # (measured 70x slower per gather with 2 threads on a busy 2-core box).
+    with store.lock("train-wsi"), cpu_threads(1 if mode == "head" and dev.type == "cpu" else None):
         trainer = WSITrainer(store, cfg, magnification, fold, mode, Path(weights) if weights else None, dev)
         try:
             return trainer.fit(resume=resume)
         finally:
             trainer.loader.close()
-
-
-@contextlib.contextmanager
-def _cpu_threads(n: int | None):
-    """Run with `n` torch CPU threads. The head's tensors are ~100 KB a step: intra-op threads only
-    add synchronisation there (measured 70x slower per gather with 2 threads on a busy 2-core box)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---- loading a trained model ------------------------------------------------------------------

@@ -141,7 +141,8 @@ def run_pipeline(
             _step(
                 f"train-mri fold {fold}",
                 "snapshots exist" if done else None,
-                lambda fold=fold: train_mri(store_url, cfg, fold=fold, device=device, scheduler=scheduler),
+                lambda fold=fold: train_mri(store_url, cfg, fold=fold, device=device, scheduler=scheduler,
+                                            skip_errors=cfg.ingest.skip_errors),
                 timings,
             )
 

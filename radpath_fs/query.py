@@ -135,7 +135,13 @@ def run_query(store_url, sql: str, fmt: str = "table", out: Path | None = None) 
         raise RadpathError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "parquet" and out is None:
         raise RadpathError("--format parquet writes a file: give it with --out FILE")
-    table = query(store_url, sql)
+    store = store_url if isinstance(store_url, Store) else Store(store_url)
+    if out is not None and store.is_local:
+        root, target = Path(store.root).resolve(), Path(out).resolve()
+        if target == root or root in target.parents:
+            raise RadpathError(f"--out {out}: inside the store {store.root}; `radpath query` is read-only, "
+                               "so its result goes elsewhere")
+    table = query(store, sql)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

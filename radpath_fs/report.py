@@ -288,6 +288,8 @@ def write_report(store_url: str, out: Path | None = None, config=None) -> Path:
     cfg = config or PipelineConfig()
     store = Store(store_url)
     out = Path(out) if out is not None else Path(store.local_path("report"))
+    if store.is_local and out == Path(store.local_path("report")):
+        store.check_no_links("report/index.html")
     sections = [cohort_section(store)]
     if store.has_table("tiles"):
         sections.append(tiles_section(store))

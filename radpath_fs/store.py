@@ -47,6 +47,35 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def _inside(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """Store locations are relative and never climb: an absolute part or a '..' would leave the store."""
+    for p in parts:
+        if p.startswith("/") or ".." in p.split("/"):
+            raise StoreError(f"{p!r} is not a location inside the store (absolute, or climbing out with '..')")
+    return parts
+
+
+def refuse_links(base: str | os.PathLike, rel: str) -> None:
+    """Raise StoreError when `base/rel`, or a folder on the way to it below `base`, is a symbolic link.
+
+    Nothing is written or deleted through a link inside a store: a link planted there
+    (`tiles.zarr/<case> -> ~/elsewhere`) must not let radpath change files outside the store.
+    `base` itself may be a link (a store folder kept on another disk). Reads follow links.
+    """
+    current = os.fspath(base)
+    for part in _inside((rel,))[0].split("/"):
+        if not part:
+            continue
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise StoreError(
+                f"{current}: is a symbolic link (to {os.readlink(current)}); radpath writes nothing through a "
+                "link inside a store, so that no write can land outside it. Put the folder or file itself there."
+            )
+        if not os.path.exists(current):
+            return  # nothing below exists yet: no link can be on the way
+
+
 def mag_key(magnification: float) -> str:
     """Zarr group name of a magnification: 20 -> '20', 2.5 -> '2.5'."""
     return f"{float(magnification):g}"
@@ -68,6 +97,8 @@ class Store:
                     f"{meta}: layout version {info.get('layout_version')!r}, this radpath_fs reads "
                     f"version {LAYOUT_VERSION}"
                 )
+        elif self.fs.isfile(self.root):
+            raise StoreError(f"{self.url}: is a file, not a folder; a store is a folder (a new or an existing store)")
         elif create:
             self.fs.makedirs(self.root, exist_ok=True)
             self.write_json("store.json", {"layout_version": LAYOUT_VERSION, "created": _now()})
@@ -79,13 +110,18 @@ class Store:
 
     # ---- paths ---------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        return "/".join([self.root, *_inside(parts)])
 
     def local_path(self, *parts: str) -> str:
         """The OS path of a store location; only for stores on the local filesystem."""
         if not self.is_local:
             raise StoreError(f"{self.url}: this operation needs a store on the local filesystem")
-        return os.path.join(self.root, *parts)
+        return os.path.join(self.root, *_inside(parts))
+
+    def check_no_links(self, rel: str) -> None:
+        """Refuse a symbolic link on the way to `rel` (see `refuse_links`); object stores have none."""
+        if self.is_local:
+            refuse_links(self.root, rel)
 
     def url_of(self, *parts: str) -> str:
         """An fsspec URL for a location inside the store (what Dask workers are handed)."""
@@ -96,16 +132,22 @@ class Store:
     # ---- small files ---------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a file atomically: a temporary name beside it, then a rename."""
+        self.check_no_links(rel)
         target = self.path(rel)
         parent = target.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        if self.is_local:
-            os.replace(tmp, target)  # atomic on POSIX, and replaces an existing file
-        else:
-            self.fs.mv(tmp, target)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            if self.is_local:
+                os.replace(tmp, target)  # atomic on POSIX, and replaces an existing file
+            else:
+                self.fs.mv(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm(tmp)
+            raise
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -169,8 +211,12 @@ class Store:
         import zarr
 
         if self.is_local:
-            return zarr.storage.LocalStore(self.local_path(name))
-        return zarr.storage.FsspecStore(self.fs, path=self.path(name))
+            from radpath_fs.linksafe import LinkSafeLocalStore
+
+            return LinkSafeLocalStore(self.local_path(name))
+        # Zarr drives the filesystem from its own event loop: it needs an asynchronous instance
+        # (s3fs, gcsfs) or an async wrapper (memory), not `self.fs`, whose calls run on fsspec's loop.
+        return zarr.storage.FsspecStore.from_url(self.url_of(name), storage_options=self.fs.storage_options)
 
     def open_zarr(self, name: str, mode: str = "a"):
         import zarr
@@ -210,7 +256,9 @@ class Store:
         """Hold the store's writer lock for the duration of a writing command.
 
         A second writer fails at once, naming the holder. A lock left by a process that died on
-        this host is cleared. (On object stores without exclusive create the check is best effort.)
+        this host is cleared, with the temporary files that process left (it was the only writer,
+        so every temporary in the store is its debris). On object stores the lock is an exclusive
+        create where the store has one (S3 conditional writes); elsewhere it is best effort.
         """
         lock = self.path(LOCK_NAME)
         holder = {
@@ -220,20 +268,20 @@ class Store:
             "command": command,
             "token": uuid.uuid4().hex,
         }
+        stale = False
         for _ in range(2):
             if self._try_create_lock(lock, holder):
                 break
             current = self._read_lock(lock)
             if current is not None and not _is_stale(current):
-                raise StoreLockedError(
-                    f"{self.url} is locked by another writer: pid {current.get('pid')} on host "
-                    f"{current.get('host')} since {current.get('since')} ({current.get('command')}). "
-                    f"If that process is gone from another host, remove {lock}."
-                )
+                raise self._locked_error(current)
+            stale = stale or current is not None
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(lock)
         else:  # pragma: no cover - two processes clearing the same stale lock at once
             raise StoreLockedError(f"{self.url}: could not take the writer lock ({lock})")
+        if stale:
+            self.remove_temporaries()
         try:
             yield
         finally:
@@ -241,6 +289,29 @@ class Store:
             if current is not None and current.get("token") == holder["token"]:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm(lock)
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete the temporary files of interrupted writes: this store's `.tmp-*` names and zarr's
+        `<name>.<uuid>.partial` ones. Only for the lock holder: another writer's are in flight."""
+        found = [p for p in self.fs.find(self.root) if _is_temporary(p.rsplit("/", 1)[-1])]
+        for p in found:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(p)
+        return found
+
+    def check_unlocked(self) -> None:
+        """Fail now, as `lock` would, while a live writer holds the store: for a writing command
+        that does long work (validation, fusion) before it takes the lock."""
+        current = self._read_lock(self.path(LOCK_NAME))
+        if current is not None and not _is_stale(current):
+            raise self._locked_error(current)
+
+    def _locked_error(self, holder: dict) -> StoreLockedError:
+        return StoreLockedError(
+            f"{self.url} is locked by another writer: pid {holder.get('pid')} on host "
+            f"{holder.get('host')} since {holder.get('since')} ({holder.get('command')}). "
+            f"If that process is gone from another host, remove {self.path(LOCK_NAME)}."
+        )
 
     def _try_create_lock(self, lock: str, holder: dict) -> bool:
         data = json.dumps(holder).encode()
@@ -252,9 +323,12 @@ class Store:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return True
-        if self.fs.exists(lock):
+        try:
+            # An exclusive create where the filesystem has one (S3's conditional PUT, memory://);
+            # elsewhere fsspec checks, then writes.
+            self.fs.pipe_file(lock, data, mode="create")
+        except FileExistsError:
             return False
-        self.fs.pipe_file(lock, data)
         return True
 
     def _read_lock(self, lock: str) -> dict | None:
@@ -264,6 +338,14 @@ class Store:
             return None
         except ValueError:  # a lock file cut short when its writer died
             return {}
+
+
+# zarr's LocalStore writes a chunk or zarr.json to `<name>.<uuid4 hex>.partial`, then renames it.
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(TMP_PREFIX) or bool(_ZARR_PARTIAL.search(name))
 
 
 def _is_stale(holder: dict) -> bool:

@@ -6,9 +6,11 @@ training run): nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,22 @@ def resolve_device(spec: str = "auto"):
     if spec not in ("cpu",) and not spec.startswith("cuda"):
         raise RadpathError(f"--device {spec!r}: expected cpu, cuda or auto")
     return torch.device(spec)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` torch CPU threads (None: leave the setting alone), restored afterwards."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:

@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 TILES_TABLE = "tiles"
 ERRORS_TABLE = "tile_errors"
 TILE_COUNTS_PNG = "reports/tile_counts.png"
+# Threads per slide that compress tiles (zstd and libjpeg release the GIL) while the slide is read.
+# Compressing is the largest cost after decoding, so one thread would be the bottleneck on a
+# machine with cores to spare. Env RADPATH_TILE_WRITER_THREADS overrides.
+WRITER_THREADS = int(os.environ.get("RADPATH_TILE_WRITER_THREADS") or 0) or min(4, os.cpu_count() or 1)
 
 
 # ---- opening a slide ---------------------------------------------------------------------------
@@ -197,23 +201,26 @@ def _root_image(slide: pyvips.Image, root: Level, kernel: str) -> pyvips.Image:
 
 
 # ---- the background rule -----------------------------------------------------------------------
-def background_counts(row: np.ndarray, threshold: int, block: int = 16) -> np.ndarray:
+def background_counts(row: np.ndarray, threshold: int, block: int = 64) -> np.ndarray:
     """Per tile of a (T, W, 3) tile row: how many pixels have R, G and B all > threshold.
 
-    Works `block` tiles at a time, so temporaries stay a few MB on a 100k px wide row.
+    Works `block` image rows at a time, so temporaries stay a few MB on a 100k px wide row.
     """
     T = row.shape[0]
-    nt = row.shape[1] // T
-    counts = np.empty(nt, dtype=np.int64)
-    for j in range(0, nt, block):
-        v = row[:, j * T : min(nt, j + block) * T]
-        n = v.shape[1] // T
+    W = row.shape[1] // T * T
+    # Bright pixels per column, summed down the rows first: adding whole rows is one vectorised
+    # pass, where summing along each tile's 512 px of a row is a slow strided reduction.
+    column = np.zeros(W, dtype=np.uint16 if T <= np.iinfo(np.uint16).max else np.uint32)
+    darkest = np.empty((min(block, T), W), dtype=np.uint8)
+    for y in range(0, T, block):
+        v = row[y : y + block, :W]
+        d = darkest[: v.shape[0]]
         # all(R, G, B > t) == min(R, G, B) > t: two strided passes instead of three
-        darkest = np.minimum(v[..., 0], v[..., 1])
-        np.minimum(darkest, v[..., 2], out=darkest)
-        bright = np.greater(darkest, threshold, out=darkest.view(np.bool_)).view(np.uint8)
-        counts[j : j + n] = np.add.reduce(bright.reshape(T, n, T), axis=2, dtype=np.int32).sum(axis=0)
-    return counts
+        np.minimum(v[..., 0], v[..., 1], out=d)
+        np.minimum(d, v[..., 2], out=d)
+        bright = np.greater(d, threshold, out=d.view(np.bool_))
+        column += np.add.reduce(bright, axis=0, dtype=column.dtype)
+    return column.reshape(-1, T).sum(axis=1, dtype=np.int64)
 
 
 def is_background(counts: np.ndarray, tile_size: int, fraction: float) -> np.ndarray:
@@ -236,7 +243,9 @@ class _LevelCutter:
         self.tile_rows = level.height // self.T
         self.cols = level.width // self.T
 
-    def feed(self, rows: np.ndarray) -> None:
+    def feed(self, rows: np.ndarray, transient: bool = False) -> None:
+        """Take the level's next rows; `transient`: they are a reused buffer (a slide strip), so
+        rows kept for the next call are copied."""
         if self.writer is None or rows.shape[0] == 0:
             return
         self.rows.append(rows)
@@ -249,6 +258,8 @@ class _LevelCutter:
             self.rows = [rest] if rest.shape[0] else []
             self.buffered = rest.shape[0]
             self.y += T
+        if transient:
+            self.rows = [r.copy() for r in self.rows]
 
     def _cut(self, row: np.ndarray) -> None:
         T, cols = self.T, self.cols
@@ -328,6 +339,8 @@ def _strips(image: pyvips.Image, height: int, path: str) -> Iterator[np.ndarray]
     """Strips of `height` rows, top to bottom, decoded by libvips on a reader thread.
 
     The next strip decodes (libvips' own threads, GIL released) while this one is cut and written.
+    A strip is only valid until the next one is asked for: libvips decodes into two reused
+    buffers, so that no strip costs fresh pages (their page faults took ~8% of a pass's CPU).
     """
     import pyvips
 
@@ -335,7 +348,9 @@ def _strips(image: pyvips.Image, height: int, path: str) -> Iterator[np.ndarray]
     stop = threading.Event()
     # Two strips alive at most: the one being cut and the one being decoded (a 100k px wide
     # strip of 512 rows is 150 MB).
-    slots = threading.Semaphore(2)
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(None)  # allocated on first use
 
     def put(item) -> bool:
         """Hand `item` over unless the consumer has gone (then the reader just ends)."""
@@ -351,11 +366,20 @@ def _strips(image: pyvips.Image, height: int, path: str) -> Iterator[np.ndarray]
         try:
             for y in range(0, image.height, height):
                 h = min(height, image.height - y)
-                while not slots.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                data = image.crop(0, y, image.width, h).write_to_memory()
-                if not put(np.ndarray((h, image.width, 3), dtype=np.uint8, buffer=data)):
+                while True:
+                    try:
+                        buf = free.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        if stop.is_set():
+                            return
+                if buf is None:
+                    buf = np.empty((height, image.width, 3), dtype=np.uint8)
+                strip = buf[:h]
+                image.crop(0, y, image.width, h).write(
+                    pyvips.Image.new_from_memory(strip.data, image.width, h, 3, "uchar")
+                )
+                if not put((buf, strip)):
                     return
             put(None)
         except pyvips.Error as e:
@@ -372,9 +396,10 @@ def _strips(image: pyvips.Image, height: int, path: str) -> Iterator[np.ndarray]
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
-            del item
-            slots.release()
+            buf, strip = item
+            yield strip
+            del item, strip
+            free.put(buf)
     finally:
         stop.set()
         reader.join()
@@ -405,7 +430,7 @@ def _tile_pass(path: str, root: Level, tree: list[Level], writers: dict[float, T
         for lv in order:
             if lv.parent is not None:
                 made[lv.magnification] = reducers[lv.magnification].feed(made[lv.parent])
-            cutters[lv.magnification].feed(made[lv.magnification])
+            cutters[lv.magnification].feed(made[lv.magnification], transient=lv is root)
         del made, rows
         _trim_heap()
 
@@ -502,6 +527,7 @@ def tile_case(case: dict, *, store_url: str, cfg: TileConfig) -> dict[str, Any]:
         slide = open_slide(path)  # the header only: a bad file fails before anything is written
         levels, skipped = plan_levels(native, slide.width, slide.height, cfg.magnifications, cfg.mpp_tolerance)
         summary["skipped"] = [[m, why] for m, why in skipped]
+        summary["fits_a_tile"] = any(lv.width >= cfg.tile_size and lv.height >= cfg.tile_size for lv in levels)
         todo = [lv for lv in levels if not _is_done(store, case_id, lv, cfg)]
         if not todo:
             summary["status"] = "complete"
@@ -511,7 +537,7 @@ def tile_case(case: dict, *, store_url: str, cfg: TileConfig) -> dict[str, Any]:
             pass_todo = [lv for lv in tree if lv in todo]
             if not pass_todo:
                 continue
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="radpath-tile-writer") as pool:
+            with ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="radpath-tile-writer") as pool:
                 pass_writers = {
                     lv.magnification: TileGroupWriter(store, case_id, lv.magnification, cfg, executor=pool)
                     for lv in pass_todo
@@ -559,6 +585,9 @@ def tile_store(
         results = map_tasks(tile_case, items, scheduler=scheduler, description="tile slides",
                             store_url=store.url, cfg=cfg)
         _warn_skipped(results)
+        for r in results:
+            if r["status"] == "done":
+                _reject_if_no_tile(store, r, cfg)
         errors = [r for r in results if r["status"] == "error"]
         if errors and not skip_errors:
             lines = "\n".join(f"  {r['error']}" for r in errors)
@@ -585,14 +614,33 @@ def tile_store(
         for r in errors:
             warn(f"skipped: {r['error']}")
         table = tiles_table(store, slides["case_id"].tolist())
-        store.write_table(TILES_TABLE, table)
         if len(table):
             store.write_bytes(TILE_COUNTS_PNG, plot_tile_counts(store, table=table))
+        # Last: a rerun that finds every slide complete and this table present does nothing more.
+        store.write_table(TILES_TABLE, table)
     info(
         f"tiled {done} slide(s), {sum(r['status'] == 'complete' for r in results)} already complete, "
         f"{len(errors)} failed; {len(table)} tiles in {store.path('tables', TILES_TABLE + '.parquet')}"
     )
     return results
+
+
+def _reject_if_no_tile(store: Store, result: dict[str, Any], cfg: TileConfig) -> None:
+    """A slide that gives no tile at any magnification (a blank scan, a thumbnail) is bad input:
+    nothing could be learnt from it. Its empty groups go, and it fails like an unreadable slide."""
+    case_id = result["case_id"]
+    mags = _mags_of_case(store, case_id)
+    if not mags or sum(tile_count(store, case_id, float(m)) for m in mags) > 0:
+        return
+    store.fs.rm(store.path(TILES, case_id), recursive=True)
+    where = ", ".join(f"{m}x" for m in sorted(mags, key=float, reverse=True))
+    T = cfg.tile_size
+    if result.get("fits_a_tile", True):
+        problem = (f"no tissue: every {T} px tile at {where} is background (at least {cfg.background_fraction:.0%} "
+                   f"of its pixels have R, G and B > {cfg.background_threshold})")
+    else:
+        problem = f"the slide is smaller than one {T} px tile at every magnification ({where})"
+    result.update(status="error", error=str(InputError(result["slide_path"], problem)), tiles={})
 
 
 def _warn_skipped(results: list[dict[str, Any]]) -> None:

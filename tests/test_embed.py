@@ -139,16 +139,24 @@ def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
 
 
 def test_weights_shape_mismatch_and_pickles_are_refused(tmp_path):
-    state = E.create_embedder("resnet18").state_dict()
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in E.create_embedder("resnet18").state_dict().items()}
     state["conv1.weight"] = torch.zeros(32, 3, 7, 7)
-    path = tmp_path / "w.pt"
-    torch.save(state, path)
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
     with pytest.raises(InputError, match=r"shape mismatches \(first: conv1.weight"):
         E.create_embedder("resnet18", weights=path)
+    # A .pth holding anything but tensors is refused by the restricted unpickler; a pickle disguised
+    # as .safetensors is refused by content (test_security.py has more).
     evil = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "x": pd.Timestamp(0)}, evil)
     with pytest.raises(InputError, match="weights_only"):
         E.create_embedder("resnet18", weights=evil)
+    disguised = tmp_path / "evil.safetensors"
+    disguised.write_bytes(evil.read_bytes())
+    with pytest.raises(InputError, match="is a pickle"):
+        E.create_embedder("resnet18", weights=disguised)
     with pytest.raises(InputError, match="not found"):
         E.create_embedder("resnet18", weights=tmp_path / "nope.safetensors")
 
@@ -283,6 +291,7 @@ def test_same_store_under_sync_and_a_local_cluster(embedded):
             a = E.read_embeddings(store, eid, case, mag)
             b = E.read_embeddings(other, eid, case, mag)
             # one torch thread per worker vs two in sync: at most float16 rounding apart
+            # (embed.cpu_threads makes them byte-equal: tests/test_cluster.py)
             np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2**-10, atol=1e-4)
             attrs_a, attrs_b = (E.embedding_attrs(s, eid, case, mag) for s in (store, other))
             attrs_a.pop("created"), attrs_b.pop("created")

@@ -239,6 +239,36 @@ def test_write_tile_group_from_an_iterator(tmp_path):
     assert not store.group_is_complete("tiles.zarr", "c2/20") and not store.exists("tiles.zarr/c2")
 
 
+@pytest.mark.parametrize("codec", ["zstd", "jpeg"])
+def test_writer_shards_are_the_bytes_zarr_writes(tmp_path, codec):
+    """The writer encodes whole shards itself (threads, no zarr chunk pipeline): the files must be
+    byte for byte what zarr writes for the same array, a partial last shard included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from radpath_fs.tilestore import TileGroupWriter
+
+    store = Store(tmp_path / "s", create=True)
+    cfg = TileConfig(tile_size=32, tiles_per_shard=4, codec=codec)
+    tiles = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(3) as pool:
+        writer = TileGroupWriter(store, "ours", 20, cfg, executor=pool)
+        writer.append(tiles[:3], np.zeros((3, 2)), np.ones(3))  # runs that straddle shard ends
+        writer.append(list(tiles[3:]), np.zeros((7, 2)), np.ones(7))
+        assert writer.close({"mpp": 0.5}) == 10
+    theirs = TileGroupWriter(store, "zarr", 20, cfg).pixels
+    theirs.resize(tiles.shape)
+    theirs[:] = tiles
+
+    def shards(case: str) -> dict[str, bytes]:
+        folder = Path(store.local_path("tiles.zarr", case, "20", "pixels", "c"))
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    ours = shards("ours")
+    assert sorted(ours) == ["0/0/0/0", "1/0/0/0", "2/0/0/0"] and ours == shards("zarr")
+    if codec == "zstd":
+        np.testing.assert_array_equal(wsi.read_tiles(store, "ours", 20), tiles)
+
+
 # ---- Dask: same store under every scheduler --------------------------------------------------
 @pytest.fixture(scope="module")
 def three_slides(tmp_path_factory):
@@ -313,17 +343,23 @@ def test_killed_run_resumes_to_the_same_store(tmp_path):
 
 
 # ---- no tissue, bad input --------------------------------------------------------------------
-def test_slide_without_tissue_gives_zero_tiles(tmp_path, three_slides):
+def test_slide_without_tissue_is_bad_input(tmp_path, three_slides):
+    """No tile at any magnification: a bad slide (nothing to learn from), its empty groups removed."""
     blank = blank_slide(tmp_path / "blank.tif")
     store = make_store(tmp_path / "s", [case_row("B0", blank, 0.5), three_slides[0]])
-    results = wsi.tile_store(str(store.root), SMALL)
-    assert results[0]["status"] == "done" and results[0]["tiles"] == {"20": 0, "10": 0, "5": 0}
-    for mag in (20, 10, 5):
-        assert wsi.tile_count(store, "B0", mag) == 0
-        assert wsi.read_tiles(store, "B0", mag).shape == (0, 128, 128, 3)
-        assert wsi.read_coords(store, "B0", mag).shape == (0, 2)
+    with pytest.raises(RadpathError, match=rf"{blank}: no tissue: every 128 px tile at 20x, 10x, 5x is background"):
+        wsi.tile_store(str(store.root), SMALL)
+    assert not store.exists("tiles.zarr/B0") and not store.has_table("tiles")
+    results = wsi.tile_store(str(store.root), SMALL, skip_errors=True)
+    assert [r["status"] for r in results] == ["error", "complete"]
+    assert store.read_table("tile_errors")["case_id"].tolist() == ["B0"]
     table = store.read_table("tiles")
     assert "B0" not in set(table["case_id"]) and "S0" in set(table["case_id"])
+    # A magnification without tissue on a slide that has some elsewhere is an empty, complete group.
+    wsi.write_tile_group(store, "E0", 5, iter([]), [], [], {"mpp": 2.0}, SMALL)
+    assert wsi.tile_count(store, "E0", 5) == 0
+    assert wsi.read_tiles(store, "E0", 5).shape == (0, 128, 128, 3)
+    assert wsi.read_coords(store, "E0", 5).shape == (0, 2)
 
 
 def _bad_slides(root: Path, good: Path) -> dict[str, tuple[Path, str]]:

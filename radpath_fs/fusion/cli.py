@@ -165,20 +165,22 @@ def fuse_store(store_url, cfg, ablations: bool = False, plots: Path | None = Non
     from radpath_fs.store import Store
 
     store = Store(store_url)
-    data = load_fusion_data(store)
-    info(
-        f"fusion: {len(data.members)} candidate members ({', '.join(data.names)}), "
-        f"{len(data.oof.case_ids)} OOF cases, unlabelled splits: {', '.join(data.splits) or 'none'}"
-    )
-    experiments = plan(data, cfg, ablations)
-    with progress_bar("fusion experiments", len(experiments)) as advance:
-        results = run_ablations(data, cfg, experiments=experiments, progress=advance)
-    table = results_frame(results, cfg)
-    ensembles = pa.Table.from_pandas(table, schema=ENSEMBLES_SCHEMA, preserve_index=False)
-    fused = pa.Table.from_pandas(
-        predictions_frame(results), schema=ENSEMBLE_PREDICTIONS_SCHEMA, preserve_index=False
-    )
+    # Held from the start: a second writer fails at once, and no predict rewrites the tables
+    # this fusion reads while it runs.
     with store.lock("fuse"):
+        data = load_fusion_data(store)
+        info(
+            f"fusion: {len(data.members)} candidate members ({', '.join(data.names)}), "
+            f"{len(data.oof.case_ids)} OOF cases, unlabelled splits: {', '.join(data.splits) or 'none'}"
+        )
+        experiments = plan(data, cfg, ablations)
+        with progress_bar("fusion experiments", len(experiments)) as advance:
+            results = run_ablations(data, cfg, experiments=experiments, progress=advance)
+        table = results_frame(results, cfg)
+        ensembles = pa.Table.from_pandas(table, schema=ENSEMBLES_SCHEMA, preserve_index=False)
+        fused = pa.Table.from_pandas(
+            predictions_frame(results), schema=ENSEMBLE_PREDICTIONS_SCHEMA, preserve_index=False
+        )
         _merge_write(store, ENSEMBLES, ensembles, "id")
         _merge_write(store, ENSEMBLE_PREDICTIONS, fused, "ensemble_id")
     primary = next(r for r in results if r.experiment.primary)

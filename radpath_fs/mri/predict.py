@@ -14,7 +14,7 @@ import torch
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import RadpathError
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader
-from radpath_fs.mri.preprocess import preprocess_cases
+from radpath_fs.mri.preprocess import MRI_ERRORS, is_cached, preprocess_cases, recorded_errors
 from radpath_fs.mri.train import Runtime, build_network, predict_logits
 from radpath_fs.predict import default_splits, split_cases
 from radpath_fs.predictions import SPLITS, prediction_table, write_predictions
@@ -56,12 +56,19 @@ def predict_mri(
     if bad:
         raise RadpathError(f"--split {bad[0]!r}: expected one of {', '.join(SPLITS)}")
 
+    # Cases a `train-mri --skip-errors` run recorded as unreadable (and still uncached) get no row.
+    skipped = {c for c in recorded_errors(store) if not is_cached(store, c, mcfg)}
     todo = []
     for split in wanted:
         if split == "oof" and fold < 0:
             warn(f"{model_id}: trained on every fold, so it has no out-of-fold cases; skipping split oof")
             continue
         rows = split_cases(cases, split, fold, config.get("train_cases"), modality="mri")
+        left_out = sorted(set(rows["case_id"]) & skipped)
+        if left_out:
+            warn(f"{model_id} {split}: {len(left_out)} case(s) listed in {store.path('tables', MRI_ERRORS + '.parquet')} "
+                 f"get no row: {', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''}")
+            rows = rows[~rows["case_id"].isin(skipped)]
         if rows.empty:
             warn(f"{model_id}: no case with MRI in split {split!r}; nothing written for it")
         else:

@@ -21,11 +21,13 @@ import pandas as pd
 
 from radpath_fs.config import MRITrainConfig
 from radpath_fs.errors import BatchErrors, InputError, RadpathError
-from radpath_fs.progress import info
+from radpath_fs.progress import info, warn
 from radpath_fs.scheduler import map_tasks
 from radpath_fs.store import COMPLETE, Store, check_name
 
 MRI_ZARR = "mri.zarr"
+# Cases a --skip-errors run could not preprocess: case_id, path, error (tables/mri_errors.parquet).
+MRI_ERRORS = "mri_errors"
 # Voxel grids agree when their affines agree to this many millimetres (header float noise only).
 AFFINE_TOLERANCE_MM = 1e-3
 # Bump when the deterministic transforms change: cached volumes of another version are redone.
@@ -266,6 +268,11 @@ def _preprocess_task(item: tuple[str, dict], *, store_url: str, mcfg: MRITrainCo
     return case_id
 
 
+def recorded_errors(store: Store) -> set[str]:
+    """Ids of the cases a --skip-errors run listed in tables/mri_errors.parquet."""
+    return set(store.read_table(MRI_ERRORS)["case_id"]) if store.has_table(MRI_ERRORS) else set()
+
+
 def modality_paths(row: dict, mcfg: MRITrainConfig) -> dict[str, str | None]:
     """{modality: file} of one cases-table row (None where no file is recorded)."""
     paths = {}
@@ -276,12 +283,14 @@ def modality_paths(row: dict, mcfg: MRITrainConfig) -> dict[str, str | None]:
 
 
 def preprocess_cases(
-    store: Store, mcfg: MRITrainConfig, cases: pd.DataFrame, *, scheduler: str = "sync"
+    store: Store, mcfg: MRITrainConfig, cases: pd.DataFrame, *, scheduler: str = "sync", skip_errors: bool = False
 ) -> list[str]:
     """Cache every case of `cases` (rows of the cases table) not cached yet with this config.
 
     All the cases to do are read and checked first; if any is bad, every problem is raised (one
-    InputError, or BatchErrors for several) and nothing is written. Returns the ids processed.
+    InputError, or BatchErrors for several) and nothing is written. With `skip_errors` the bad
+    cases are listed in tables/mri_errors.parquet instead (rewritten by each such run; they are
+    never cached, so a rerun checks them again) and the others are processed. Returns the ids processed.
     """
     todo = [
         (str(r["case_id"]), modality_paths(r, mcfg))
@@ -293,11 +302,19 @@ def preprocess_cases(
     for case_id, _ in todo:
         check_name(case_id, "case id")
     problems = map_tasks(_check_task, todo, scheduler=scheduler, description="check MRI", mcfg=mcfg)
-    errors = [InputError(*p) for p in problems if p is not None]
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise BatchErrors(errors)
+    bad = {case_id: InputError(*p) for (case_id, _), p in zip(todo, problems, strict=True) if p is not None}
+    errors = list(bad.values())
+    if errors and not skip_errors:
+        raise errors[0] if len(errors) == 1 else BatchErrors(errors)
+    if skip_errors:
+        store.write_table(MRI_ERRORS, pd.DataFrame(
+            {"case_id": list(bad), "path": [e.path for e in errors], "error": [str(e) for e in errors]},
+            dtype="string"))
+        for e in errors:
+            warn(f"skipped: {e}")
+        todo = [item for item in todo if item[0] not in bad]
+        if not todo:
+            return []
     store.open_zarr(MRI_ZARR, mode="a")  # the root exists before the tasks write its children
     done = map_tasks(
         _preprocess_task, todo, scheduler=scheduler, description="preprocess MRI", store_url=store.url, mcfg=mcfg

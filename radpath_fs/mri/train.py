@@ -31,7 +31,7 @@ from radpath_fs.mri.data import (
     device_batches,
     make_loader,
 )
-from radpath_fs.mri.preprocess import PREPROCESS_VERSION, preprocess_cases
+from radpath_fs.mri.preprocess import PREPROCESS_VERSION, is_cached, preprocess_cases
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store
 from radpath_fs.training import (
@@ -168,6 +168,17 @@ def load_state(store: Store, rid: str) -> tuple[dict, dict, dict] | None:
     return model_sd, optim_sd, meta
 
 
+def state_meta(store: Store, rid: str) -> dict | None:
+    """The JSON metadata of the training state (epoch, history, ...), read without its tensors."""
+    rel = f"models/{rid}/{STATE_FILE}"
+    if not store.exists(rel):
+        return None
+    with store.fs.open(store.path(rel), "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return json.loads(header.get("__metadata__", {}).get("radpath", "{}"))
+
+
 def _fingerprint(cfg: PipelineConfig, fold: int, train_ids: list[str], val_ids: list[str]) -> str:
     """What must match for a saved state to be resumed (loader settings change no result)."""
     mri = {k: v for k, v in config_json(cfg.mri).items() if k not in ("num_workers", "eval_batch_size", "folds")}
@@ -200,8 +211,12 @@ def train_mri(
     device: str = "auto",
     scheduler: str = "sync",
     resume: bool = True,
+    skip_errors: bool = False,
 ) -> list[str]:
-    """Preprocess the MRI (cached), train one fold, write its snapshots; returns their model ids."""
+    """Preprocess the MRI (cached), train one fold, write its snapshots; returns their model ids.
+
+    `skip_errors`: cases whose MRI cannot be preprocessed are listed in tables/mri_errors.parquet
+    and left out of training and held-out evaluation, instead of stopping the command."""
     store = store_url if isinstance(store_url, Store) else Store(store_url)
     mcfg = cfg.mri
     rid = run_id(fold)
@@ -210,10 +225,17 @@ def train_mri(
         cases = store.cases()
         train, val = fold_cases(cases, fold)
         # Every case with MRI, labelled or not: `predict` reads the same cache.
-        preprocess_cases(store, mcfg, cases[cases["has_mri"].astype(bool)], scheduler=scheduler)
+        preprocess_cases(store, mcfg, cases[cases["has_mri"].astype(bool)], scheduler=scheduler, skip_errors=skip_errors)
+        if skip_errors:  # the skipped cases (warned about, listed in mri_errors) are the uncached ones
+            train, val = (part[[is_cached(store, str(c), mcfg) for c in part["case_id"]]].reset_index(drop=True)
+                          for part in (train, val))
         if len(train) < 2:
             raise RadpathError(f"fold {fold}: {len(train)} labelled case(s) with MRI to train on; at least 2 are needed")
-        if resume and all(has_checkpoint(store, m) for m in snapshot_ids.values()):
+        # The snapshots are written before the epoch's history and state: a run killed in between
+        # has all of them but must still finish that epoch's records.
+        meta = state_meta(store, rid)
+        finished = meta is None or int(meta.get("epoch", -1)) + 1 >= mcfg.epochs
+        if resume and finished and all(has_checkpoint(store, m) for m in snapshot_ids.values()):
             info(f"{rid}: snapshots {sorted(snapshot_ids.values())} exist; nothing to train (--no-resume retrains)")
             return list(snapshot_ids.values())
         return _train(store, cfg, fold, train, val, resolve_device(device), resume, snapshot_ids)

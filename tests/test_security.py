@@ -1,0 +1,237 @@
+"""Security: nothing escapes the store, nothing is unpickled, YAML builds no objects, SQL only reads.
+
+- Case ids and store locations cannot climb out of the store (`..`, absolute paths), and radpath
+  writes and deletes nothing through a symbolic link inside a store (a link planted in tables/,
+  tiles.zarr or mri.zarr is refused, and what it points at is left as it was).
+- Checkpoints and training states are safetensors only: a pickle is refused with a message before
+  a byte of it is unpickled (its payload would leave a marker file). Embedder --weights may also be
+  a .pth state dict, read by torch's restricted (weights_only) unpickler, which refuses the payload.
+- Pipeline YAML is safe-loaded: a `!!python/...` tag is a ConfigError naming the file.
+- `radpath query` runs on a read-only connection: statements that write fail with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_ingest import snapshot
+from test_tile import case_row, make_store, synthetic_slide
+from typer.testing import CliRunner
+
+from radpath_fs.cli import app
+from radpath_fs.errors import InputError, StoreError
+from radpath_fs.store import LOCK_NAME, Store
+
+
+def invoke(argv: list[str]):
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+def exits_2_with(result, *words: str) -> str:
+    err = result.stderr
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert err.count("error:") == 1 and "Traceback" not in result.output, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that a file was (or was not) unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A folder outside the store with a file in it, for links to point at."""
+    d = tmp_path / "outside"
+    d.mkdir()
+    (d / "precious.txt").write_text("do not touch\n")
+    return d
+
+
+# ---- locations cannot climb out of the store ---------------------------------------------------
+@pytest.mark.parametrize("rel", ["../escape.json", "tables/../../escape.json", "/tmp/escape.json"])
+def test_store_locations_cannot_escape(tmp_path, rel):
+    st = Store(tmp_path / "store", create=True)
+    with pytest.raises(StoreError, match="not a location inside the store"):
+        st.write_json(rel, {"x": 1})
+    with pytest.raises(StoreError, match="not a location inside the store"):
+        st.local_path("tiles.zarr", rel)
+    with pytest.raises(StoreError, match="not safe as a path component"):
+        st.fresh_group("tiles.zarr", f"{rel}/20")
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_ids_from_the_command_line_cannot_escape(tmp_path):
+    st = Store(tmp_path / "store", create=True)
+    before = snapshot(tmp_path)
+    for model in ("../../x", "/etc/passwd", "..", "a/../../b"):
+        exits_2_with(invoke(["predict", "--store", st.root, "--model", model]), f"model id {model!r} is not safe")
+    assert snapshot(tmp_path) == before
+
+
+# ---- links -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("link", ["tables", "tables/cases.parquet", "models", "models/m1"])
+def test_no_write_through_a_link_in_the_store(tmp_path, outside, link):
+    st = Store(tmp_path / "store", create=True)
+    at = tmp_path / "store" / link
+    at.parent.mkdir(parents=True, exist_ok=True)
+    at.symlink_to(outside / "precious.txt" if link.endswith(".parquet") else outside)
+    before = snapshot(outside)
+    with pytest.raises(StoreError, match=f"{link}: is a symbolic link"):
+        if link.startswith("tables"):
+            st.write_table("cases", pd.DataFrame({"case_id": ["b"]}))
+        else:
+            st.write_json("models/m1/config.json", {"model_id": "m1"})
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("link", ["tiles.zarr", "tiles.zarr/C1", "tiles.zarr/C1/20"])
+def test_zarr_writes_and_deletes_do_not_follow_links(tmp_path, outside, link):
+    st = Store(tmp_path / "store", create=True)
+    if link != "tiles.zarr":
+        st.fresh_group("tiles.zarr", "C0/20").attrs["complete"] = True  # a real group beside the link
+    (tmp_path / "store" / link).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "store" / link).symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    with pytest.raises(StoreError, match="is a symbolic link"):
+        st.fresh_group("tiles.zarr", "C1/20")  # a rewrite deletes what is there first
+    assert snapshot(outside) == before
+    if link != "tiles.zarr":  # reading and writing beside the link still works
+        assert st.group_is_complete("tiles.zarr", "C0/20")
+        st.fresh_group("tiles.zarr", "C2/20").attrs["complete"] = True
+
+
+def test_mri_cache_does_not_write_through_a_link(tmp_path, outside):
+    from radpath_fs.mri.preprocess import MRI_ZARR, write_cached
+
+    st = Store(tmp_path / "store", create=True)
+    write_cached(st, "C0", np.zeros((4, 4, 4, 4), np.float16), {})
+    (tmp_path / "store" / MRI_ZARR / "C1").symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    with pytest.raises(StoreError, match=r"mri.zarr/C1: is a symbolic link"):
+        write_cached(st, "C1", np.ones((4, 4, 4, 4), np.float16), {})
+    assert snapshot(outside) == before
+
+
+def test_cli_refuses_a_linked_tile_group_and_leaves_its_target_alone(tmp_path, outside):
+    slide = synthetic_slide(tmp_path / "s.tif", size=(512, 512), mpp=0.5)
+    st = make_store(tmp_path / "store", [case_row("C1", slide, 0.5)])
+    st.open_zarr("tiles.zarr")
+    (tmp_path / "store" / "tiles.zarr" / "C1").symlink_to(outside, target_is_directory=True)
+    before, store_before = snapshot(outside), snapshot(tmp_path / "store")
+    exits_2_with(invoke(["tile", "--store", st.root, "--mags", "20"]), "tiles.zarr/C1: is a symbolic link")
+    assert snapshot(outside) == before
+    assert snapshot(tmp_path / "store") == store_before and not (tmp_path / "store" / LOCK_NAME).exists()
+
+
+def test_report_does_not_write_through_a_linked_report_folder(tmp_path, outside):
+    st = Store(tmp_path / "store", create=True)
+    st.write_table("cases", pd.DataFrame({"case_id": ["a"], "label": ["A"], "split": ["train"], "fold": [0],
+                                          "cohort": [None], "has_slide": [False], "has_mri": [False],
+                                          "excluded": [False], "age_in_days": [1.0]}))
+    (tmp_path / "store" / "report").symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    exits_2_with(invoke(["report", "--store", st.root]), "report: is a symbolic link")
+    assert snapshot(outside) == before
+
+
+def test_the_store_folder_itself_may_be_a_link(tmp_path):
+    real = tmp_path / "disk" / "store"
+    real.mkdir(parents=True)
+    (tmp_path / "store").symlink_to(real, target_is_directory=True)
+    st = Store(tmp_path / "store", create=True)
+    st.write_table("cases", pd.DataFrame({"case_id": ["a"]}))
+    st.fresh_group("tiles.zarr", "a/20").attrs["complete"] = True
+    assert (real / "tables" / "cases.parquet").is_file() and st.group_is_complete("tiles.zarr", "a/20")
+
+
+# ---- nothing is unpickled ----------------------------------------------------------------------
+def test_a_pickled_checkpoint_is_refused_unopened(tmp_path):
+    import torch
+
+    marker = tmp_path / "unpickled"
+    st = Store(tmp_path / "store", create=True)
+    st.write_json("models/wsi-mag20-fold0-e0/config.json", {"model_id": "wsi-mag20-fold0-e0", "modality": "wsi",
+                                                             "fold": 0, "snapshot": 0, "magnification": 20})
+    path = tmp_path / "store" / "models" / "wsi-mag20-fold0-e0" / "model.safetensors"
+    for writer in (lambda p: p.write_bytes(pickle.dumps(Payload(marker))),
+                   lambda p: torch.save({"w": torch.zeros(1), "x": Payload(marker)}, p)):
+        writer(path)
+        before = snapshot(tmp_path / "store")
+        exits_2_with(invoke(["predict", "--store", st.root, "--model", "wsi-mag20-fold0-e0", "--device", "cpu"]),
+                     str(path), "is a pickle/torch.save file; radpath loads safetensors only")
+        assert snapshot(tmp_path / "store") == before
+    assert not marker.exists()
+
+
+def test_a_pickled_training_state_is_refused(tmp_path):
+    from radpath_fs.mri.train import STATE_FILE, load_state
+
+    marker = tmp_path / "unpickled"
+    st = Store(tmp_path / "store", create=True)
+    st.write_bytes(f"models/mri-fold0/{STATE_FILE}", pickle.dumps(Payload(marker)))
+    with pytest.raises(InputError, match="is a pickle"):
+        load_state(st, "mri-fold0")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["evil.pth", "evil.pt", "evil.bin", "evil.safetensors"])
+def test_pickled_weights_are_refused_unopened(tmp_path, name):
+    marker = tmp_path / "unpickled"
+    weights = tmp_path / name
+    weights.write_bytes(pickle.dumps(Payload(marker)))
+    st = Store(tmp_path / "store", create=True)
+    before = snapshot(tmp_path / "store")
+    # .pth/.pt/.bin go through torch's restricted unpickler, which refuses the payload's global
+    words = ["is a pickle"] if name.endswith(".safetensors") else ["weights_only", "UnpicklingError"]
+    exits_2_with(invoke(["embed", "--store", st.root, "--weights", weights, "--device", "cpu"]), str(weights), *words)
+    assert not marker.exists() and snapshot(tmp_path / "store") == before
+
+
+# ---- YAML builds no Python objects -------------------------------------------------------------
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:builtins.open",
+                                 "!!python/name:os.system"])
+def test_yaml_tags_are_refused(tmp_path, tag):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"seed: {tag} ['touch {marker}']\n" if "name:" not in tag else f"seed: {tag}\n")
+    st = Store(tmp_path / "store", create=True)
+    before = snapshot(tmp_path / "store")
+    for argv in (["run", evil], ["tile", "--store", st.root, "--config", evil]):
+        exits_2_with(invoke(argv), f"{evil}: not valid YAML", "python/")
+    assert not marker.exists() and snapshot(tmp_path / "store") == before
+
+
+# ---- SQL only reads ----------------------------------------------------------------------------
+def test_query_cannot_write(tmp_path):
+    st = Store(tmp_path / "store", create=True)
+    st.write_table("cases", pd.DataFrame({"case_id": ["a", "b"], "label": ["A", "G"]}))
+    before = snapshot(tmp_path / "store")
+    copy_to = tmp_path / "store" / "tables" / "evil.parquet"
+    for sql, kind in [
+        ("DROP VIEW cases", "DROP"),
+        ("CREATE TABLE x AS SELECT 1", "CREATE"),
+        ("INSERT INTO cases VALUES ('c', 'O')", "INSERT"),
+        (f"COPY (SELECT * FROM cases) TO '{copy_to}' (FORMAT parquet)", "COPY"),
+        ("SELECT 1; DROP VIEW cases", None),
+    ]:
+        words = [f"read-only: {kind} statements are not allowed"] if kind else ["expected one SQL statement, got 2"]
+        exits_2_with(invoke(["query", sql, "--store", st.root]), *words)
+    out = tmp_path / "store" / "tables" / "cases.parquet"
+    exits_2_with(invoke(["query", "SELECT 1 AS x", "--store", st.root, "--format", "parquet", "--out", out]),
+                 "inside the store", "read-only")
+    assert snapshot(tmp_path / "store") == before
+    ok = invoke(["query", "SELECT count(*) AS n FROM cases", "--store", st.root, "--format", "json"])
+    assert ok.exit_code == 0 and json.loads(ok.stdout) == [{"n": 2}]
