@@ -32,7 +32,7 @@ from radpath_fs.config import EmbedConfig
 from radpath_fs.errors import ConfigError, InputError, StoreError
 from radpath_fs.progress import info, warn
 from radpath_fs.store import COMPLETE, Store, check_name, mag_key
-from radpath_fs.tilestore import TILES, tile_group_path
+from radpath_fs.tilestore import TILES, TileReader, tile_group_path
 from radpath_fs.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 EMBEDDINGS = "embeddings.zarr"
@@ -410,32 +410,26 @@ class _TileBatches:
     def __len__(self) -> int:
         return len(self.work)
 
-    def _pixels(self, gi: int):
+    def _reader(self, gi: int) -> TileReader:
         with self._lock:
             if gi not in self._arrays:
                 case_id, mk = self.groups[gi]
-                self._arrays[gi] = _tile_pixels(Store(self.store_url), case_id, float(mk))
+                self._arrays[gi] = TileReader(Store(self.store_url), case_id, float(mk))
             return self._arrays[gi]
 
     def __getitem__(self, i: int):
         import torch
 
         gi, start, stop = self.work[i]
-        pixels, region = self._pixels(gi), self.regions[gi]
-        if region is None:
-            arr = pixels[start:stop]
-        else:
-            a, b = region
-            arr = pixels[start:stop, a:b, a:b]
-        return gi, start, torch.from_numpy(np.ascontiguousarray(arr))
+        return gi, start, torch.from_numpy(self._reader(gi).read(slice(start, stop), self.regions[gi]))
 
 
 class BatchReader:
     """Reads the tiles of a run of groups in batches, in order, ahead of the model.
 
     The stream runs across group (bag) boundaries, so the next slide is read while the model
-    finishes the last one. Zarr decodes with one event loop per process, whose per-chunk Python
-    work caps a process at about a thousand 512 px tiles/s; `processes` > 0 spreads reading over
+    finishes the last one. Each batch is read by `TileReader` (whole shards, tiles decoded in a
+    thread pool); `processes` > 0 spreads reading over
     DataLoader worker processes (shared-memory batches, pinned by DataLoader for an asynchronous
     host-to-device copy). With `processes=0` (or inside a daemonic Dask worker, which may not
     fork) `threads` threads read in this process. Yields (group index, start row, batch).

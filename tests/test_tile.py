@@ -269,6 +269,43 @@ def test_writer_shards_are_the_bytes_zarr_writes(tmp_path, codec):
         np.testing.assert_array_equal(wsi.read_tiles(store, "ours", 20), tiles)
 
 
+@pytest.mark.parametrize("codec", ["zstd", "jpeg"])
+def test_tile_reader_reads_what_zarr_reads(tmp_path, codec):
+    """TileReader reads shards itself (whole, or by byte ranges for a few tiles) and decodes in
+    threads: every way of asking gives what zarr's own reader gives; a damaged index is an error."""
+    from radpath_fs.tilestore import TileReader
+
+    store = Store(tmp_path / "s", create=True)
+    cfg = TileConfig(tile_size=32, tiles_per_shard=8, codec=codec)
+    tiles = np.random.default_rng(2).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)
+    wsi.write_tile_group(store, "c1", 20, tiles, np.zeros((21, 2)), np.ones(21), {"mpp": 0.5}, cfg)
+    reader = TileReader(store, "c1", 20)
+    zarr_pixels = store.open_group("tiles.zarr", "c1/20")["pixels"]
+    assert reader._per_shard == 8  # the fast path, not the zarr fallback
+    everything = np.asarray(zarr_pixels[:])
+    if codec == "zstd":
+        np.testing.assert_array_equal(everything, tiles)
+    for index in (None, slice(3, 19), [20, 1, 1, 9], [-1], np.array([7, 8, 16])):
+        np.testing.assert_array_equal(reader.read(index), everything[index if index is not None else slice(None)])
+    np.testing.assert_array_equal(reader.read(slice(0, 10), (8, 24)), everything[:10, 8:24, 8:24])
+    assert reader.read([]).shape == (0, 32, 32, 3)
+
+    # A group written by other means (plain zarr chunks, no shards) is read through zarr.
+    other = store.open_zarr("tiles.zarr").create_group("c2/20")
+    other.create_array("pixels", data=tiles, chunks=(4, 32, 32, 3))
+    other.attrs["complete"] = True
+    plain = TileReader(store, "c2", 20)
+    assert plain._decode is None
+    np.testing.assert_array_equal(plain.read([20, 1, 1], (8, 24)), tiles[[20, 1, 1], 8:24, 8:24])
+
+    shard = Path(store.local_path("tiles.zarr", "c1", "20", "pixels", "c", "1", "0", "0", "0"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit in the shard index
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum"):
+        reader.read([9])
+
+
 # ---- Dask: same store under every scheduler --------------------------------------------------
 @pytest.fixture(scope="module")
 def three_slides(tmp_path_factory):
