@@ -173,8 +173,7 @@ class TileReader:
         jobs = []
         for shard in np.unique(shards):
             rows = np.flatnonzero(shards == shard)
-            for row, chunk in zip(rows, self._fetch(int(shard), uniq[rows] % self._per_shard)):
-                jobs.append((row, chunk))
+            jobs += zip(rows, self._fetch(int(shard), uniq[rows] % self._per_shard), strict=True)
 
         def decode(job):
             row, chunk = job
