@@ -12,11 +12,13 @@ labels.csv: they play the hidden validation/test set.
 
 Slides are built as a lazy libvips pipeline and streamed into the TIFF tile by tile, so their
 size is bounded by disk, not memory (a CPM-sized 100k x 80k slide included). The class is
-carried by the nuclei at the cellular scale only: nuclear size, count, shape, halo and
-hyperchromasia differ between classes while the haematoxylin and eosin optical density per
-tissue pixel is balanced across classes, so that low-magnification colour does not give the
-class away. Per-case nuisance (stain strength and hue, tissue fraction and layout, cellularity)
-varies more than any class colour difference does.
+carried at the cellular scale only: nuclear size, count, shape, chromatin, halo and
+hyperchromasia differ between classes, and astrocytoma has a fibrillary neuropil, while the
+haematoxylin and eosin optical density per tissue pixel is balanced across classes, so that
+low-magnification colour does not give the class away. Per-case nuisance (stain strength and
+hue, tissue fraction and layout, cellularity) varies more than any class colour difference
+does. Tissue pieces have a physical size (hundreds of µm, like biopsy fragments), whatever the
+slide's size.
 
 Nuclei are shot noise: sparse impulses taken from the upper tail of a Gaussian noise image,
 convolved with an (oriented) Gaussian bump and thresholded at half height, which gives discrete
@@ -121,7 +123,8 @@ def _age_in_days(cls: str, rng: np.random.Generator) -> int:
 
 @dataclass(frozen=True)
 class Morphology:
-    """How a class's tumour nuclei look. Lengths in µm."""
+    """How a class's tumour looks at the cellular scale: its nuclei and the neuropil between
+    them. Lengths in µm."""
 
     sigma_long: float  # bump sigma along the nucleus' long axis
     sigma_short: float  # and across it (equal: round nuclei)
@@ -130,6 +133,7 @@ class Morphology:
     darkness: float  # haematoxylin optical density of the nucleus (hyperchromasia)
     chromatin: float  # clumping: relative texture of the haematoxylin inside nuclei
     halo: float  # 0, or the bump level down to which a clear perinuclear halo extends
+    fibrils: float = 0.0  # relative eosin contrast of fine fibres running along the fascicles
 
     def jittered(self, rng: np.random.Generator) -> Morphology:
         size = rng.uniform(0.9, 1.1)
@@ -141,13 +145,15 @@ class Morphology:
         )
 
 
-# Glioblastoma: large, pleomorphic, hyperchromatic, coarse chromatin, irregular contours.
-# Astrocytoma: medium, elongated ("cigar"), in fascicles of two orientations, irregular.
-# Oligodendroglioma: small, round, regular, with a clear perinuclear halo ("fried egg").
+# Glioblastoma: large, pleomorphic, hyperchromatic, clumped chromatin, irregular contours.
+# Astrocytoma: medium, elongated ("cigar"), in fascicles of two orientations, irregular, in a
+# fibrillary neuropil. Oligodendroglioma: small, round, regular, with smooth chromatin and a
+# wide clear perinuclear halo ("fried egg"). Chromatin, contour roughness, halo and fibrils are
+# finer than a 2.5x pixel (4 µm): they tell the classes apart at 20x and are gone at 2.5x.
 MORPHOLOGY: dict[str, Morphology] = {
-    "G": Morphology(3.8, 3.8, 1.6, 0.35, 1.50, 0.25, 0.0),
-    "A": Morphology(4.6, 1.6, 0.4, 0.20, 1.42, 0.15, 0.0),
-    "O": Morphology(2.4, 2.4, 0.2, 0.05, 1.36, 0.08, 0.16),
+    "G": Morphology(3.8, 3.8, 1.6, 0.5, 1.50, 0.4, 0.0),
+    "A": Morphology(4.6, 1.6, 0.4, 0.20, 1.42, 0.3, 0.0, fibrils=0.2),
+    "O": Morphology(2.4, 2.4, 0.2, 0.05, 1.36, 0.0, 0.08),
 }
 # Non-neoplastic glial nuclei, the same in every class; they dominate where cellularity is low.
 GLIA = Morphology(1.9, 1.9, 0.2, 0.05, 1.30, 0.08, 0.0)
@@ -160,13 +166,23 @@ _OD_E = np.array([0.07, 0.99, 0.11])
 _TUMOUR_H_LOAD = 0.16
 _GLIA_FRACTION = 0.025
 _STROMA_H = 0.06
-_MEAN_E = 0.5
+# Strong enough that the neuropil of a faintly stained case stays tissue under the background
+# rule (R, G and B all > 180): at 0.5 its green channel crossed 180 and tiles inside the tissue
+# counted as part background.
+_MEAN_E = 0.7
 _NUCLEUS_E = 0.05
 _HALO_CLEARING = 0.85
 _CELLULARITY = 0.2  # how strongly the cellularity field modulates the impulse threshold
 _CELLULARITY_UM = 40.0  # scale of cellularity variations
 _FASCICLE_UM = 60.0  # scale of the patches of one fascicle orientation
 _ROUGH_UM = 1.6  # scale of nuclear contour roughness and of the neuropil texture
+# Fibrils: about 2 µm thick and 10 µm long; the band-pass keeps nothing coarser than ~6 µm.
+_FIBRE_ACROSS_UM, _FIBRE_ALONG_UM, _FIBRE_BAND_UM = 0.8, 5.0, 2.5
+# Tissue layout: pieces are smooth over at least this many µm per grid cell (~0.3-1 mm pieces),
+# with edges ragged by roughly _RAGGED_UM. Relative to the slide's size instead, a 1 mm test
+# slide would hold 60 µm crumbs whose edges cross most 20x tiles.
+_LAYOUT_CELL_UM = 40.0
+_RAGGED_UM = 10.0
 _EDGE = 0.3  # width of the nuclear boundary ramp, in bump-height units
 
 
@@ -254,12 +270,16 @@ def _kernel(sigma_px: float) -> np.ndarray:
     return np.exp(-0.5 * (np.arange(-r, r + 1) / sigma_px) ** 2)
 
 
-def _conv2(image, sigma_x: float, sigma_y: float):
+def _separable(image, kx: np.ndarray, ky: np.ndarray):
+    """Convolve with kx along x, then ky along y."""
     import pyvips
 
-    kx, ky = _kernel(sigma_x), _kernel(sigma_y)
     image = image.conv(pyvips.Image.new_from_array(kx[None, :].tolist()), precision="float")
     return image.conv(pyvips.Image.new_from_array(ky[:, None].tolist()), precision="float")
+
+
+def _conv2(image, sigma_x: float, sigma_y: float):
+    return _separable(image, _kernel(sigma_x), _kernel(sigma_y))
 
 
 def _smooth_unit(noise, sigma_px: float):
@@ -278,6 +298,25 @@ def _field(width: int, height: int, seed: int, sigma_px: float):
     import pyvips
 
     return _smooth_unit(pyvips.Image.gaussnoise(width, height, mean=0.0, sigma=1.0, seed=seed), sigma_px)
+
+
+def _fibrils(noise, orientation):
+    """Unit-variance texture of fine fibres running along x or y as the fascicle orientation
+    field says. Across the fibres the kernel is a difference of Gaussians (_FIBRE_ACROSS_UM minus
+    _FIBRE_BAND_UM), so the texture has no coarse part left for low magnification to see."""
+    along = _kernel(_FIBRE_ALONG_UM / _MID_UM)
+    along /= along.sum()
+    narrow, wide = _kernel(_FIBRE_ACROSS_UM / _MID_UM), _kernel(_FIBRE_BAND_UM / _MID_UM)
+    across = -wide / wide.sum()
+    c, r = len(across) // 2, len(narrow) // 2
+    across[c - r : c + r + 1] += narrow / narrow.sum()
+    pad = max(len(along), len(across)) // 2
+    padded = noise.embed(pad, pad, noise.width + 2 * pad, noise.height + 2 * pad, extend="mirror")
+    along_x = _separable(padded, along, across).crop(pad, pad, noise.width, noise.height)
+    along_y = _separable(padded, across, along).crop(pad, pad, noise.width, noise.height)
+    # White noise through separable kernels has variance (sum along^2)(sum across^2).
+    scale = 1.0 / math.sqrt(float((along**2).sum() * (across**2).sum()))
+    return (orientation > 0).ifthenelse(along_x, along_y) * scale
 
 
 def _shared(image, rows: int = 6):
@@ -299,7 +338,7 @@ def _tissue_layout(width_um: float, height_um: float, style: SlideStyle, rng: np
     minus its threshold (positive inside tissue) and the grid's µm per cell."""
     from scipy.ndimage import gaussian_filter
 
-    cell = max(width_um, height_um) / 64.0
+    cell = max(max(width_um, height_um) / 64.0, _LAYOUT_CELL_UM)
     gw, gh = int(math.ceil(width_um / cell)) + 1, int(math.ceil(height_um / cell)) + 1
     field = gaussian_filter(rng.standard_normal((gh + 16, gw + 16)), sigma=4.0, mode="wrap")[8:-8, 8:-8]
     field /= field.std()
@@ -381,7 +420,8 @@ def render_slide(width: int, height: int, mpp: float, style: SlideStyle):
     tissue_lo = tissue_lo.embed(0, 0, lo_w, lo_h, extend="copy")
     cellularity = _field(lo_w, lo_h, seeds[0], _CELLULARITY_UM / lo_um)
     orientation = _field(lo_w, lo_h, seeds[1], _FASCICLE_UM / lo_um)
-    tissue_lo = tissue_lo + _field(lo_w, lo_h, seeds[2], 12.0 / lo_um) * 0.25
+    # The layout field rises by about 1 per 4-6 cells across an edge: this moves edges ~_RAGGED_UM.
+    tissue_lo = tissue_lo + _field(lo_w, lo_h, seeds[2], 12.0 / lo_um) * (_RAGGED_UM / (4.0 * cell_um))
     # Cached on the coarse grid: upsampling is cheap to redo, the wide blurs are not.
     lo = _shared(cellularity.bandjoin([orientation, tissue_lo]))
     lo = lo.resize(lo_um / mid_um, kernel="linear").crop(0, 0, mid_w, mid_h)
@@ -407,7 +447,8 @@ def render_slide(width: int, height: int, mpp: float, style: SlideStyle):
     tumour_nuc = _above(bumps, 0.5)
     glia_nuc = _above(glia, 0.5)
     nuc = _clip01(tumour_nuc + glia_nuc)
-    h = nuc * (-_STROMA_H) + _STROMA_H + tumour_nuc * (grain * m.chromatin + 1.0) * m.darkness
+    chromatin = (grain * m.chromatin + 1.0).clamp(min=0.0, max=1e6)  # no negative stain
+    h = nuc * (-_STROMA_H) + _STROMA_H + tumour_nuc * chromatin * m.darkness
     h = h + glia_nuc * GLIA.darkness
     clear = 0.0
     if m.halo > 0:
@@ -417,6 +458,12 @@ def render_slide(width: int, height: int, mpp: float, style: SlideStyle):
     halo_fraction = fraction * halo_per_nucleus
     stroma_e = (_MEAN_E - _NUCLEUS_E * p_nuc) / (1 - p_nuc - _HALO_CLEARING * halo_fraction)
     e = ((nuc * -1 + 1) - clear) * (rough * 0.18 + 1.0) * stroma_e + nuc * _NUCLEUS_E
+    if m.fibrils:
+        # Zero-mean modulation: the mean eosin, and so the low-magnification colour, is unchanged.
+        fibres = _fibrils(
+            pyvips.Image.gaussnoise(mid_w, mid_h, mean=0.0, sigma=1.0, seed=seeds[5]), orientation
+        )
+        e = (e * (fibres * m.fibrils + 1.0)).clamp(min=0.0, max=1e6)
 
     inside = _clip01(tissue * (1 / 0.05))
     he = (h * inside).bandjoin(e * inside)

@@ -16,9 +16,10 @@ from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.bundle import BUNDLE_JSON, export_bundle, predict_case, read_bundle
 from radpath_fs.cli import app
 from radpath_fs.config import load_config
+from radpath_fs.embed import normalization_stats
 from radpath_fs.errors import InputError, RadpathError
 from radpath_fs.pipeline import run_pipeline
-from radpath_fs.store import Store
+from radpath_fs.store import Store, mag_key
 
 # The chain is the same code on both sides; the slack covers float32 tables and summation order.
 ATOL = 1e-5
@@ -104,11 +105,19 @@ def test_bundle_holds_the_primary_ensemble(built):
         for mid in m["model_ids"]:
             assert (bundle / "models" / mid / "model.safetensors").is_file()
     assert spec["predict"]["repeats"] == cfg.predict.repeats and spec["seed"] == cfg.seed
-    assert spec["tile"]["magnifications"] == [20.0, 10.0] and spec["tile"]["tile_size"] == cfg.tile.tile_size
+    # Which slide models pruning keeps depends on the training run; the bundle follows the members.
+    mags = {store.read_json(f"models/{mid}/config.json")["magnification"]
+            for m in spec["members"] for mid in m["model_ids"] if mid.startswith("wsi-")}
+    assert mags, "the primary ensemble has no slide model to check"
+    # Every tiled magnification down to the coarsest member's: a level is reduced from the finer ones.
+    assert spec["tile"]["magnifications"] == [m for m in (20.0, 10.0) if m >= min(mags)]
+    assert spec["tile"]["tile_size"] == cfg.tile.tile_size
     (embedder,) = spec["embedders"].values()
     assert embedder["file"] is None and embedder["name"] == "mobilenetv3_small_050" and embedder["seed"] == 0
-    assert set(embedder["transform"]) == {"20", "10"}
-    assert embedder["transform"]["20"]["mean"] != embedder["transform"]["10"]["mean"]  # per magnification
+    assert set(embedder["transform"]) == {mag_key(m) for m in mags}
+    for m in mags:  # per magnification: the training tiles' statistics at that magnification
+        np.testing.assert_allclose(embedder["transform"][mag_key(m)]["mean"],
+                                   normalization_stats(store, cfg.embed, [m])[0], rtol=1e-6)
 
 
 def test_predict_case_equals_predict_and_fuse(built, tmp_path):
