@@ -200,7 +200,7 @@ class TileReader:
         uniq, inverse = np.unique(idx, return_inverse=True)  # zarr wants sorted unique indices
         return np.asarray(self.pixels.oindex[uniq, a:b, a:b])[inverse]
 
-    def _fetch(self, shard: int, slots: np.ndarray) -> list[bytes | None]:
+    def _fetch(self, shard: int, slots: np.ndarray) -> list[memoryview | None]:
         """The encoded chunks at `slots` of shard number `shard` (None for a chunk not written)."""
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
         from zarr.core.buffer import default_buffer_prototype
@@ -213,7 +213,7 @@ class TileReader:
         got = sync(key.get(proto, None if whole else SuffixByteRequest(index_bytes)))
         if got is None:
             raise StoreError(f"{key}: shard file missing from a complete tile group")
-        raw = got.to_bytes()
+        raw = memoryview(got.as_numpy_array())  # chunks are views into it: no copies
         index = _shard_index(raw[-index_bytes:], str(key))[slots]
         if whole:
             return [None if o == _NO_CHUNK else raw[o : o + n] for o, n in index]
@@ -224,13 +224,13 @@ class TileReader:
             return await asyncio.gather(*(key.get(proto, RangeByteRequest(int(o), int(o + n))) for o, n in index if o != _NO_CHUNK))
 
         parts = iter(sync(ranges()))
-        return [None if o == _NO_CHUNK else next(parts).to_bytes() for o, n in index]
+        return [None if o == _NO_CHUNK else memoryview(next(parts).as_numpy_array()) for o, n in index]
 
 
-def _shard_index(raw: bytes, where: str) -> np.ndarray:
+def _shard_index(raw: memoryview, where: str) -> np.ndarray:
     import google_crc32c
 
-    if google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
+    if google_crc32c.value(bytes(raw[:-4])).to_bytes(4, "little") != bytes(raw[-4:]):
         raise StoreError(f"{where}: shard index checksum mismatch (a damaged tile store file)")
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
 
