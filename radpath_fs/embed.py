@@ -389,7 +389,7 @@ def embedding_attrs(store: Store, embedder: str, case_id: str, magnification: fl
 class _TileBatches:
     """Map-style dataset of tile batches: item i = (group index, start row, uint8 tensor).
 
-    Picklable (a store URL and group names), so DataLoader worker processes open the arrays
+    Picklable (a store URL and group names), so DataLoader worker processes open the tile readers
     themselves; only the `region` (the center crop) of each tile is copied out.
     """
 
@@ -398,24 +398,24 @@ class _TileBatches:
         self.work = [
             (gi, start, min(start + batch_size, n)) for gi, n in enumerate(sizes) for start in range(0, n, batch_size)
         ]
-        self._arrays: dict[int, Any] = {}
+        self._readers: dict[int, TileReader] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _arrays={}, _lock=threading.Lock())
+        self.__dict__.update(state, _readers={}, _lock=threading.Lock())
 
     def __len__(self) -> int:
         return len(self.work)
 
     def _reader(self, gi: int) -> TileReader:
         with self._lock:
-            if gi not in self._arrays:
+            if gi not in self._readers:
                 case_id, mk = self.groups[gi]
-                self._arrays[gi] = TileReader(Store(self.store_url), case_id, float(mk))
-            return self._arrays[gi]
+                self._readers[gi] = TileReader(Store(self.store_url), case_id, float(mk))
+            return self._readers[gi]
 
     def __getitem__(self, i: int):
         import torch
