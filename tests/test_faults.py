@@ -33,7 +33,6 @@ import re
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -43,8 +42,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from chain_data import assert_same_store as compare_stores
+from chain_data import safetensors_parts, without_columns
 
-from radpath_fs.store import LOCK_NAME, TMP_PREFIX
+from radpath_fs.store import LOCK_NAME, TMP_PREFIX, Store
 
 KILLS = 10  # SIGKILLs at random times that must land per command
 MAX_ATTEMPTS = 40
@@ -197,28 +198,8 @@ class Zygote:
 # ---- comparing stores --------------------------------------------------------------------------
 
 
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in WALL_CLOCK}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
 def _safetensors(path: Path) -> tuple[dict, bytes]:
-    """(header without wall-clock fields, tensor bytes) of a safetensors file."""
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__", {})
-    meta = {k: _strip(json.loads(v)) if v[:1] in "[{" else v for k, v in meta.items()}
-    return {"tensors": header, "metadata": meta}, data[8 + n :]
-
-
-def _table(path: Path):
-    table = pq.read_table(path)
-    keep = [c for c in table.column_names if c not in WALL_CLOCK]
-    return table.select(keep)
+    return safetensors_parts(path.read_bytes(), WALL_CLOCK)
 
 
 # The rows that must be unique in each kind of table (whole rows, for the others).
@@ -247,22 +228,10 @@ def leftovers(root: Path) -> list[str]:
 
 def assert_same_store(got: Path, want: Path) -> None:
     assert leftovers(got) == [], f"{got}: leftovers {leftovers(got)}"
-    files = {str(p.relative_to(got)) for p in got.rglob("*") if p.is_file()}
-    expected = {str(p.relative_to(want)) for p in want.rglob("*") if p.is_file()}
-    assert files == expected, f"extra: {sorted(files - expected)}, missing: {sorted(expected - files)}"
-    for rel in sorted(files):
-        a, b = got / rel, want / rel
-        if rel.endswith(".parquet"):
-            ta, tb = _table(a), _table(b)
-            assert ta.schema == tb.schema, rel
-            assert ta.equals(tb), f"{rel}: tables differ"
-            _check_no_duplicates(rel, ta)
-        elif rel.endswith(".json"):
-            assert _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())), rel
-        elif rel.endswith(".safetensors"):
-            assert _safetensors(a) == _safetensors(b), rel
-        else:  # zarr chunks and shards, images
-            assert a.read_bytes() == b.read_bytes(), rel
+    compare_stores(Store(got), Store(want), volatile=WALL_CLOCK)
+    for path in sorted(got.rglob("*.parquet")):
+        rel = str(path.relative_to(got))
+        _check_no_duplicates(rel, without_columns(pq.read_table(path), WALL_CLOCK))
 
 
 # ---- the cohort and the commands ---------------------------------------------------------------
