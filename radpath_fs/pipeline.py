@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from radpath_fs.config import PipelineConfig
-from radpath_fs.progress import console, info
+from radpath_fs.progress import console, each_warning_once, info
 
 SYNTH_MARKER = ".radpath-synth.json"
 FUSE_MARKER = "stats/fuse_inputs.json"
@@ -73,6 +73,11 @@ def run_pipeline(
     device: str | None = None,
 ) -> dict[str, float]:
     """Run the whole chain; returns the seconds each step took (skipped steps absent)."""
+    with each_warning_once():
+        return _run_steps(cfg, store, scheduler, device)
+
+
+def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, device: str | None) -> dict[str, float]:
     from radpath_fs.store import Store
 
     store_url = store or cfg.store

@@ -49,5 +49,24 @@ def info(message: str) -> None:
     console.print(message, highlight=False)
 
 
+_warned: set[str] | None = None  # inside `each_warning_once`: the warnings printed so far
+
+
+@contextlib.contextmanager
+def each_warning_once() -> Iterator[None]:
+    """Print a repeated warning once within the block: `radpath run` reads the same predictions
+    in its fuse, report and summary steps, and each would say the same thing about them."""
+    global _warned
+    outer, _warned = _warned, set() if _warned is None else _warned
+    try:
+        yield
+    finally:
+        _warned = outer
+
+
 def warn(message: str) -> None:
+    if _warned is not None:
+        if message in _warned:
+            return
+        _warned.add(message)
     console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)

@@ -165,9 +165,16 @@ class TileReader:
         to rows and columns region = (a, b) of each tile when given."""
         idx = self._positions(index)
         a, b = region if region is not None else (0, self.tile_shape[0])
-        if self._decode is None or idx.size == 0:
-            return self._read_zarr(idx, a, b)
+        # Each tile is read and decoded once, in shard order (zarr wants sorted unique indices too).
         uniq, inverse = np.unique(idx, return_inverse=True)
+        out = self._read_sorted(uniq, a, b)
+        return out if np.array_equal(uniq, idx) else out[inverse]
+
+    def _read_sorted(self, uniq: np.ndarray, a: int, b: int) -> np.ndarray:
+        if uniq.size == 0:
+            return np.zeros((0, b - a, b - a, 3), dtype=np.uint8)
+        if self._decode is None:
+            return np.asarray(self.pixels.oindex[uniq, a:b, a:b])
         out = np.empty((uniq.size, b - a, b - a, 3), dtype=np.uint8)
         shards = uniq // self._per_shard
         jobs = []
@@ -180,7 +187,7 @@ class TileReader:
             out[row] = 0 if chunk is None else self._decode(chunk).reshape(self.tile_shape)[a:b, a:b]
 
         list(_decode_pool().map(decode, jobs))
-        return out if np.array_equal(uniq, idx) else out[inverse]
+        return out
 
     def _positions(self, index) -> np.ndarray:
         if index is None:
@@ -193,12 +200,6 @@ class TileReader:
                 f"tile index out of range for {self.n} tiles of case {self.case_id!r} at {mag_key(self.magnification)}"
             )
         return np.where(idx < 0, idx + self.n, idx)
-
-    def _read_zarr(self, idx: np.ndarray, a: int, b: int) -> np.ndarray:
-        if idx.size == 0:
-            return np.zeros((0, b - a, b - a, 3), dtype=np.uint8)
-        uniq, inverse = np.unique(idx, return_inverse=True)  # zarr wants sorted unique indices
-        return np.asarray(self.pixels.oindex[uniq, a:b, a:b])[inverse]
 
     def _fetch(self, shard: int, slots: np.ndarray) -> list[memoryview | None]:
         """The encoded chunks at `slots` of shard number `shard` (None for a chunk not written)."""
@@ -303,7 +304,7 @@ def _tile_encoder(cfg: TileConfig) -> Callable[[np.ndarray], bytes]:
 # shard is its chunks' bytes one after another, then per chunk (offset, nbytes) as little-endian
 # uint64, all ones for a chunk not there, then the CRC32C of that index.
 _NO_CHUNK = np.iinfo(np.uint64).max
-# Tiles per encoding task: a shard is split into runs that the writer threads encode side by side.
+# Tiles per encoding task: the writer threads encode a shard's runs side by side.
 ENCODE_RUN = 8
 
 
@@ -322,8 +323,8 @@ def _shard_bytes(chunks: Sequence[bytes], chunks_per_shard: int) -> bytes:
 class TileGroupWriter:
     """The single writer of `tiles.zarr/<case>/<mag>`: streams tiles in, marks the group complete last.
 
-    `append` buffers tiles and writes whole shards (a shard is written once, never read back);
-    each shard file is encoded here in one go (`_shard_bytes`, the same bytes zarr would write)
+    `append` copies tiles into runs that are encoded as they fill, and each full shard is written
+    once, never read back; each shard file is assembled here (`_shard_bytes`, the same bytes zarr would write)
     rather than through zarr's per-chunk async pipeline, which costs ~30% more CPU per tile.
     `close(attrs)` flushes the last partial shard, writes coords and tissue fractions, then the
     attrs with ``complete: true``. `abort()` removes the group. An earlier incomplete group at the
@@ -339,9 +340,9 @@ class TileGroupWriter:
         executor: Executor | None = None,
     ):
         self.store = _as_store(store)
-        # Each full shard is encoded (in runs of tiles, in parallel over the executor's threads)
-        # and stored on `executor` while the caller goes on reading the slide; None encodes and
-        # writes in the caller's thread.
+        # Runs of tiles are encoded and full shards stored on `executor` (in parallel over its
+        # threads) while the caller goes on reading the slide; None encodes and writes in the
+        # caller's thread.
         self.executor = executor
         self._pending: list[Future] = []  # the shard in flight (one at a time per group)
         self.case_id = case_id
@@ -364,16 +365,21 @@ class TileGroupWriter:
             **_pixel_codecs(cfg),
         )
         self._encode = _tile_encoder(cfg)
-        self._buf: np.ndarray | None = None  # the shard being filled (allocated when needed)
-        self._fill = 0
-        self._written = 0
+        # Tiles are copied into runs of ENCODE_RUN, each encoded as soon as it is full: a run's
+        # 6 MB buffer is reused by the allocator, where a whole shard's (50 MB, above glibc's mmap
+        # threshold) costs fresh pages every time, and no shard is ever held raw.
+        self._buf: np.ndarray | None = None  # the run being filled (allocated when needed)
+        self._fill = 0  # tiles in it
+        self._runs: list = []  # the current shard's runs: encoded chunks, or futures of them
+        self._in_shard = 0  # tiles in those runs
+        self._written = 0  # tiles of the shards already handed to the store
         self._coords: list[np.ndarray] = []
         self._fractions: list[np.ndarray] = []
         self.closed = False
 
     @property
     def count(self) -> int:
-        return self._written + self._fill
+        return self._written + self._in_shard + self._fill
 
     def append(
         self, tiles: np.ndarray | Sequence[np.ndarray], coords: np.ndarray, tissue_fraction: np.ndarray
@@ -404,8 +410,10 @@ class TileGroupWriter:
         i = 0
         while i < len(tiles):
             if self._buf is None:
-                self._buf = np.empty((self.shard, T, T, 3), dtype=np.uint8)
-            take = min(self.shard - self._fill, len(tiles) - i)
+                # A run never straddles two shards.
+                run = min(ENCODE_RUN, self.shard - self._in_shard)
+                self._buf = np.empty((run, T, T, 3), dtype=np.uint8)
+            take = min(len(self._buf) - self._fill, len(tiles) - i)
             if isinstance(tiles, np.ndarray):
                 self._buf[self._fill : self._fill + take] = tiles[i : i + take]
             else:
@@ -413,28 +421,38 @@ class TileGroupWriter:
                     self._buf[self._fill + j] = tiles[i + j]
             self._fill += take
             i += take
-            if self._fill == self.shard:
-                self._flush()
+            if self._fill == len(self._buf):
+                self._submit_run()
 
-    def _flush(self) -> None:
-        if self._fill == 0:
+    def _submit_run(self) -> None:
+        """Encode the run being filled (on the executor: while the slide is read on)."""
+        buf, n = self._buf, self._fill
+        self._buf, self._fill = None, 0
+        if n == 0:
+            return
+        if self.executor is None:
+            self._runs.append(self._encode_run(buf, n))
+        else:
+            self._runs.append(self.executor.submit(self._encode_run, buf, n))
+        self._in_shard += n
+        if self._in_shard == self.shard:
+            self._flush_shard()
+
+    def _flush_shard(self) -> None:
+        if self._in_shard == 0:
             return
         shard = self._written // self.shard  # shards are filled in turn: only the last is partial
+        runs, self._runs = self._runs, []
         if self.executor is None:
-            self._store_shard(shard, self._encode_run(self._buf, 0, self._fill))
+            self._store_shard(shard, [chunk for run in runs for chunk in run])
         else:
             self._wait()  # one shard in flight per group: memory stays bounded
-            runs = [
-                self.executor.submit(self._encode_run, self._buf, i, min(i + ENCODE_RUN, self._fill))
-                for i in range(0, self._fill, ENCODE_RUN)
-            ]
             # Only the store task holds the encoded runs, so they are freed once it has run.
             self._pending = [self.executor.submit(self._store_runs, shard, runs)]
-            self._buf = None
-        self._written, self._fill = self._written + self._fill, 0
+        self._written, self._in_shard = self._written + self._in_shard, 0
 
-    def _encode_run(self, buf: np.ndarray, start: int, stop: int) -> list[bytes]:
-        return [self._encode(buf[i]) for i in range(start, stop)]
+    def _encode_run(self, buf: np.ndarray, n: int) -> list[bytes]:
+        return [self._encode(buf[i]) for i in range(n)]
 
     def _store_runs(self, shard: int, runs: list[Future]) -> None:
         # Waiting inside a pool task is safe here: the pool starts tasks in the order they were
@@ -457,7 +475,8 @@ class TileGroupWriter:
 
     def close(self, attrs: dict[str, Any]) -> int:
         """Flush, write coords and fractions, then the attrs with complete=True. Returns n."""
-        self._flush()
+        self._submit_run()
+        self._flush_shard()
         self._wait()
         coords = np.concatenate(self._coords) if self._coords else np.zeros((0, 2), np.int64)
         fractions = np.concatenate(self._fractions) if self._fractions else np.zeros((0,), np.float32)
@@ -484,12 +503,13 @@ class TileGroupWriter:
 
     def abort(self) -> None:
         """Remove this group (its slide failed); the case's other groups are the caller's business."""
-        for f in self._pending:
+        futures = self._pending + [r for r in self._runs if isinstance(r, Future)]
+        for f in futures:
             f.cancel()
-        for f in self._pending:
+        for f in futures:
             if not f.cancelled():
                 f.exception()  # wait; the error that matters is the one the caller is handling
-        self._pending = []
+        self._pending, self._runs = [], []
         remove_group(self.store, self.case_id, self.magnification)
         self.closed = True
 

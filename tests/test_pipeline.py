@@ -147,3 +147,17 @@ def test_tile_contributions_sum_to_the_logit_through_a_linear_head():
     c2 = tile_contributions(head, emb2.numpy())
     g = torch.autograd.functional.jacobian(lambda v: head.classify(v[None])[0], head.pool(emb2[None])[0])
     np.testing.assert_allclose(c2[-1], (emb2[-1] @ g[:, 16:].T / len(emb2)).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_prints_each_warning_once(capsys):
+    """`radpath run` reads the same predictions in fuse, report and summary: one warning each."""
+    from radpath_fs.progress import each_warning_once, warn
+
+    with each_warning_once():
+        warn("3 OOF case(s) lack a prediction")
+        with each_warning_once():  # nested steps share the outer run's memory
+            warn("3 OOF case(s) lack a prediction")
+        warn("member m has no OOF rows")
+    warn("3 OOF case(s) lack a prediction")  # outside a run every call prints
+    err = capsys.readouterr().err
+    assert err.count("lack a prediction") == 2 and err.count("no OOF rows") == 1, err

@@ -240,21 +240,26 @@ def test_write_tile_group_from_an_iterator(tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["zstd", "jpeg"])
-def test_writer_shards_are_the_bytes_zarr_writes(tmp_path, codec):
-    """The writer encodes whole shards itself (threads, no zarr chunk pipeline): the files must be
-    byte for byte what zarr writes for the same array, a partial last shard included."""
+@pytest.mark.parametrize("threads", [3, 0])
+def test_writer_shards_are_the_bytes_zarr_writes(tmp_path, codec, threads):
+    """The writer encodes tiles in runs and assembles shards itself (threads, or the caller's
+    thread; no zarr chunk pipeline): the files must be byte for byte what zarr writes for the
+    same array, a partial last shard included."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from radpath_fs.tilestore import TileGroupWriter
+    from radpath_fs.tilestore import ENCODE_RUN, TileGroupWriter
 
     store = Store(tmp_path / "s", create=True)
-    cfg = TileConfig(tile_size=32, tiles_per_shard=4, codec=codec)
-    tiles = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(3) as pool:
-        writer = TileGroupWriter(store, "ours", 20, cfg, executor=pool)
-        writer.append(tiles[:3], np.zeros((3, 2)), np.ones(3))  # runs that straddle shard ends
-        writer.append(list(tiles[3:]), np.zeros((7, 2)), np.ones(7))
-        assert writer.close({"mpp": 0.5}) == 10
+    per_shard = ENCODE_RUN + 4  # a shard of one full run and one short one
+    cfg = TileConfig(tile_size=32, tiles_per_shard=per_shard, codec=codec)
+    n = 2 * per_shard + 6
+    tiles = np.random.default_rng(1).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max(threads, 1)) as pool:
+        writer = TileGroupWriter(store, "ours", 20, cfg, executor=pool if threads else None)
+        writer.append(tiles[:3], np.zeros((3, 2)), np.ones(3))  # appends that straddle run and shard ends
+        writer.append(list(tiles[3:]), np.zeros((n - 3, 2)), np.ones(n - 3))
+        assert writer.count == n
+        assert writer.close({"mpp": 0.5}) == n
     theirs = TileGroupWriter(store, "zarr", 20, cfg).pixels
     theirs.resize(tiles.shape)
     theirs[:] = tiles
