@@ -11,19 +11,24 @@ Cases beyond `cfg.cases` (`cfg.unlabelled`) are written with slides and MRI but 
 labels.csv: they play the hidden validation/test set.
 
 Slides are built as a lazy libvips pipeline and streamed into the TIFF tile by tile, so their
-size is bounded by disk, not memory (a CPM-sized 100k x 80k slide included). The class is
-carried at the cellular scale only: nuclear size, count, shape, chromatin, halo and
-hyperchromasia differ between classes, and astrocytoma has a fibrillary neuropil, while the
-haematoxylin and eosin optical density per tissue pixel is balanced across classes, so that
-low-magnification colour does not give the class away. Per-case nuisance (stain strength and
-hue, tissue fraction and layout, cellularity) varies more than any class colour difference
-does. Tissue pieces have a physical size (hundreds of µm, like biopsy fragments), whatever the
-slide's size.
+size is bounded by disk, not memory (a CPM-sized 100k x 80k slide included). Tissue pieces
+have a physical size (hundreds of µm, like biopsy fragments), whatever the slide's size.
+
+The class lives in detail finer than 5 µm only, so that 20x (0.5 µm/px) shows it and 2.5x
+(4 µm/px) cannot: chromatin clumping, nuclear contour roughness, a perinuclear halo and fine
+fibrils differ between classes. Anything a 4 µm pixel resolves is class-independent by
+construction, not by balancing: each slide is also rendered as a reference (the same case
+without any class feature: same nuclei, stain, layout and cellularity), and the slide keeps
+the reference's content below 0.2 cycles/µm and the class render's above it (`_fine_band`).
+The tiler's 2.5x downsampling (lanczos3, wsi.downsample) passes under 1% of anything above
+0.18 cycles/µm, so its tiles hold no class information (but for the few pixels the clamp to
+0-255 cuts). Nuclear size, shape, darkness and density are therefore the same in every
+class: at 4 µm/px they would show. Per-case nuisance
+(stain strength and hue, tissue fraction and layout, cellularity, nuclear size) varies freely.
 
 Nuclei are shot noise: sparse impulses taken from the upper tail of a Gaussian noise image,
-convolved with an (oriented) Gaussian bump and thresholded at half height, which gives discrete
-nuclei whose size, elongation and number are set per class. The MRI is small enough to be built
-in numpy.
+convolved with a Gaussian bump and thresholded at half height, which gives discrete nuclei.
+The MRI is small enough to be built in numpy.
 """
 
 from __future__ import annotations
@@ -122,20 +127,16 @@ def _age_in_days(cls: str, rng: np.random.Generator) -> int:
 
 
 @dataclass(frozen=True)
-class Morphology:
-    """How a class's tumour looks at the cellular scale: its nuclei and the neuropil between
-    them. Lengths in µm."""
+class Nuclei:
+    """Size, shape and darkness of a population of nuclei. Lengths in µm. A 4 µm pixel resolves
+    all of these, so they are the same in every class; only the per-case jitter moves them."""
 
-    sigma_long: float  # bump sigma along the nucleus' long axis
+    sigma_long: float  # bump sigma along the nucleus' long axis (x or y, as the fascicles run)
     sigma_short: float  # and across it (equal: round nuclei)
     amp_spread: float  # spread of bump heights: nuclear size variation (pleomorphism)
-    irregularity: float  # contour roughness (relative modulation of the bump field)
-    darkness: float  # haematoxylin optical density of the nucleus (hyperchromasia)
-    chromatin: float  # clumping: relative texture of the haematoxylin inside nuclei
-    halo: float  # 0, or the bump level down to which a clear perinuclear halo extends
-    fibrils: float = 0.0  # relative eosin contrast of fine fibres running along the fascicles
+    darkness: float  # haematoxylin optical density of the nucleus
 
-    def jittered(self, rng: np.random.Generator) -> Morphology:
+    def jittered(self, rng: np.random.Generator) -> Nuclei:
         size = rng.uniform(0.9, 1.1)
         return replace(
             self,
@@ -145,24 +146,39 @@ class Morphology:
         )
 
 
-# Glioblastoma: large, pleomorphic, hyperchromatic, clumped chromatin, irregular contours.
-# Astrocytoma: medium, elongated ("cigar"), in fascicles of two orientations, irregular, in a
-# fibrillary neuropil. Oligodendroglioma: small, round, regular, with smooth chromatin and a
-# wide clear perinuclear halo ("fried egg"). Chromatin, contour roughness, halo and fibrils are
-# finer than a 2.5x pixel (4 µm): they tell the classes apart at 20x and are gone at 2.5x.
+@dataclass(frozen=True)
+class Morphology:
+    """What tells a class's tumour apart: detail of its nuclei and neuropil finer than 5 µm.
+    Its coarse trace (e.g. the mean clearing of a halo) is replaced by the reference's."""
+
+    chromatin: float  # clumping: relative texture of the haematoxylin inside nuclei
+    irregularity: float  # contour roughness (relative modulation of the bump field)
+    halo: float  # 0, or the bump level down to which a clear perinuclear halo extends
+    fibrils: float  # relative eosin contrast of fine fibres running along the fascicles
+
+
+# Tumour nuclei, 7-10 µm across, moderately pleomorphic.
+TUMOUR = Nuclei(3.0, 3.0, 0.8, 1.43)
+# Non-neoplastic glial nuclei; they dominate where cellularity is low.
+GLIA = Nuclei(1.9, 1.9, 0.2, 1.30)
+# Glioblastoma: coarsely clumped chromatin, irregular contours. Astrocytoma: finer clumps in a
+# fibrillary neuropil. Oligodendroglioma: smooth chromatin, regular contours and a wide clear
+# perinuclear halo ("fried egg"). Strong, because only their detail finer than 5 µm is kept.
 MORPHOLOGY: dict[str, Morphology] = {
-    "G": Morphology(3.8, 3.8, 1.6, 0.5, 1.50, 0.4, 0.0),
-    "A": Morphology(4.6, 1.6, 0.4, 0.20, 1.42, 0.3, 0.0, fibrils=0.2),
-    "O": Morphology(2.4, 2.4, 0.2, 0.05, 1.36, 0.0, 0.08),
+    "G": Morphology(chromatin=1.0, irregularity=0.5, halo=0.0, fibrils=0.0),
+    "A": Morphology(chromatin=0.5, irregularity=0.2, halo=0.0, fibrils=0.5),
+    "O": Morphology(chromatin=0.0, irregularity=0.05, halo=0.08, fibrils=0.0),
 }
-# Non-neoplastic glial nuclei, the same in every class; they dominate where cellularity is low.
-GLIA = Morphology(1.9, 1.9, 0.2, 0.05, 1.30, 0.08, 0.0)
+# The reference render of a slide: none of the class features.
+REFERENCE = Morphology(chromatin=0.0, irregularity=0.0, halo=0.0, fibrils=0.0)
 
 # Stain optical densities per unit concentration (Ruifrok & Johnston's H&E vectors).
 _OD_H = np.array([0.65, 0.70, 0.29])
 _OD_E = np.array([0.07, 0.99, 0.11])
-# Balanced across classes: the tumour nuclei's haematoxylin load (darkness x area fraction) and
-# the mean eosin per tissue pixel. Area fractions follow from the darkness.
+# The tumour nuclei's haematoxylin load (darkness x area fraction; the area fraction follows)
+# and the mean eosin per tissue pixel, which the stroma makes up for where a halo clears it:
+# the closer a class render stays to its reference, the smaller the correction `_fine_band`
+# makes, and the fewer pixels the clamp to 0-255 cuts.
 _TUMOUR_H_LOAD = 0.16
 _GLIA_FRACTION = 0.025
 _STROMA_H = 0.06
@@ -176,8 +192,15 @@ _CELLULARITY = 0.2  # how strongly the cellularity field modulates the impulse t
 _CELLULARITY_UM = 40.0  # scale of cellularity variations
 _FASCICLE_UM = 60.0  # scale of the patches of one fascicle orientation
 _ROUGH_UM = 1.6  # scale of nuclear contour roughness and of the neuropil texture
-# Fibrils: about 2 µm thick and 10 µm long; the band-pass keeps nothing coarser than ~6 µm.
-_FIBRE_ACROSS_UM, _FIBRE_ALONG_UM, _FIBRE_BAND_UM = 0.8, 5.0, 2.5
+_GRAIN_UM = 0.6  # scale of chromatin clumps: most of their variance is finer than 5 µm
+# Fibrils: about 1 µm thick and 10 µm long; the band-pass across them keeps little coarser
+# than ~3 µm, where `_fine_band` would drop it anyway.
+_FIBRE_ACROSS_UM, _FIBRE_ALONG_UM, _FIBRE_BAND_UM = 0.5, 5.0, 1.5
+# `_fine_band`: the split between reference and class content, in cycles/µm, and the half
+# length of its windowed-sinc low-pass in 1 µm taps. The tiler's 2.5x lanczos3 passes 9% at
+# 0.16 cycles/µm and under 1% above 0.18: the low-pass must be flat up to there.
+_SPLIT_CYCLES_PER_UM = 0.2
+_SPLIT_HALF_TAPS = 12
 # Tissue layout: pieces are smooth over at least this many µm per grid cell (~0.3-1 mm pieces),
 # with edges ragged by roughly _RAGGED_UM. Relative to the slide's size instead, a 1 mm test
 # slide would hold 60 µm crumbs whose edges cross most 20x tiles.
@@ -188,10 +211,11 @@ _EDGE = 0.3  # width of the nuclear boundary ramp, in bump-height units
 
 @dataclass(frozen=True)
 class SlideStyle:
-    """Everything that decides one slide: class morphology (jittered) and per-case nuisance."""
+    """Everything that decides one slide: the class morphology and per-case nuisance."""
 
     cls: str
     morph: Morphology
+    nuclei: Nuclei  # the tumour nuclei, jittered per case
     seed: int
     tissue_fraction: float
     stain_h: tuple[float, float, float]
@@ -204,14 +228,16 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def slide_style(cls: str, rng: np.random.Generator) -> SlideStyle:
-    """Draw one case's slide look: the class morphology plus stain, tissue and layout nuisance."""
+    """Draw one case's slide look: the class morphology plus stain, nuclei, tissue and layout
+    nuisance. Only `morph` depends on the class; the draws do not."""
     # Stain strength and hue vary between labs and batches much more than any class difference.
     h = _unit(_OD_H + rng.normal(0, 0.06, 3).clip(-0.15, 0.15)) * rng.uniform(0.75, 1.3)
     e = _unit(_OD_E + rng.normal(0, 0.06, 3).clip(-0.15, 0.15)) * rng.uniform(0.75, 1.3)
     bg = rng.uniform(0.015, 0.05) + rng.normal(0, 0.006, 3)
     return SlideStyle(
         cls=cls,
-        morph=MORPHOLOGY[cls].jittered(rng),
+        morph=MORPHOLOGY[cls],
+        nuclei=TUMOUR.jittered(rng),
         seed=int(rng.integers(1, 2**31 - 1)),
         tissue_fraction=float(rng.uniform(0.22, 0.45)),
         stain_h=tuple(float(x) for x in h),
@@ -238,9 +264,7 @@ def _irwin_hall(z: np.ndarray, n: int = 12) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(pdf / math.factorial(n - 1), 0, None), np.clip(tail, 0, 1)
 
 
-def _impulse_threshold(
-    m: Morphology, fraction: float, px_um: float, cellularity: float, sign: float
-) -> float:
+def _impulse_threshold(m: Nuclei, fraction: float, px_um: float, cellularity: float, sign: float) -> float:
     """Threshold z0 on the noise so that nuclei cover `fraction` of the tissue on average.
 
     An impulse at noise value z0 + x (x > 0) becomes a bump of height a = 1 + spread * z0 * x,
@@ -349,22 +373,19 @@ def _tissue_layout(width_um: float, height_um: float, style: SlideStyle, rng: np
     return (field - threshold).astype(np.float32), cell
 
 
-def _bumps(noise, cellularity, orientation, m: Morphology, z0: float, sign: int, rough):
+def _bumps(noise, cellularity, orientation, m: Nuclei, z0: float, sign: int):
     """Nuclei as a bump field (a nucleus is where it exceeds 1/2). Impulses are the noise values
     beyond the local threshold z0 - cellularity * C (sign +1: upper tail, denser where C is
-    high; sign -1: lower tail, sparser there), each convolved with the morphology's Gaussian,
+    high; sign -1: lower tail, sparser there), each convolved with the nuclei's Gaussian,
     along x or y as the fascicle orientation field says when the nuclei are elongated."""
     value = noise if sign > 0 else noise * -1.0
     excess = value - (cellularity * (-sign * _CELLULARITY) + z0)
     impulses = (excess > 0).ifthenelse(excess * (m.amp_spread * z0) + 1.0, 0.0)
     sl, ss = m.sigma_long / _MID_UM, m.sigma_short / _MID_UM
     if abs(sl - ss) < 1e-6:
-        bumps = _conv2(impulses, sl, ss)
-    else:
-        along_x = (orientation > 0).ifthenelse(impulses, 0.0)
-        bumps = _conv2(along_x, sl, ss) + _conv2(impulses - along_x, ss, sl)
-    # Multiplicative, so the roughness shapes nuclei without seeding specks in the stroma.
-    return bumps * (rough * m.irregularity + 1.0) if m.irregularity else bumps
+        return _conv2(impulses, sl, ss)
+    along_x = (orientation > 0).ifthenelse(impulses, 0.0)
+    return _conv2(along_x, sl, ss) + _conv2(impulses - along_x, ss, sl)
 
 
 def _above(bumps, level: float):
@@ -374,40 +395,67 @@ def _above(bumps, level: float):
 
 
 @functools.cache
-def _overlap_correction(m: Morphology, sign: int, size: int = 1024, seed: int = 3) -> tuple[float, float]:
-    """Nuclear coverage to ask of the Boolean model per unit of coverage wanted, and the halo's
-    coverage per unit of nuclear coverage, measured on a simulated field of uniform cellularity.
-    The Boolean model counts overlapping nuclei once while the bump field adds them up, which
-    over-covers the more, the denser the nuclei: uncorrected, classes differ in mean colour."""
+def _overlap_correction(
+    m: Nuclei, sign: int, halo: float = 0.0, size: int = 1024, seed: int = 3
+) -> tuple[float, float]:
+    """Nuclear coverage to ask of the Boolean model per unit of coverage wanted, and the
+    coverage of a halo out to bump level `halo` per unit of nuclear coverage, measured on a
+    simulated field of uniform cellularity. The Boolean model counts overlapping nuclei once
+    while the bump field adds them up, which over-covers the more, the denser the nuclei."""
     import pyvips
 
     target = _TUMOUR_H_LOAD / m.darkness if sign > 0 else _GLIA_FRACTION
     flat = pyvips.Image.black(size, size).cast("float")
     noise = pyvips.Image.gaussnoise(size, size, mean=0.0, sigma=1.0, seed=seed).copy_memory()
-    rough = _field(size, size, seed + 1, _ROUGH_UM / _MID_UM)
 
     def coverage(fraction: float) -> tuple[float, float]:
         z0 = _impulse_threshold(m, fraction, _MID_UM, 0.0, sign)
-        bumps = _bumps(noise, flat, flat, m, z0, sign, rough).copy_memory()
+        bumps = _bumps(noise, flat, flat, m, z0, sign).copy_memory()
         nuclei = _above(bumps, 0.5)
-        halo = (_above(bumps, m.halo) - nuclei).avg() if m.halo > 0 else 0.0
-        return nuclei.avg(), halo
+        ring = (_above(bumps, halo) - nuclei).avg() if halo > 0 else 0.0
+        return nuclei.avg(), ring
 
     got, _ = coverage(target)
     ratio = target / got
-    got, halo = coverage(target * ratio)
-    return ratio, halo / got
+    got, ring = coverage(target * ratio)
+    return ratio, ring / got
+
+
+def _lowpass_kernel() -> np.ndarray:
+    """1-D windowed sinc (Lanczos window) cutting at _SPLIT_CYCLES_PER_UM on the 1 µm grid."""
+    x = np.arange(-_SPLIT_HALF_TAPS, _SPLIT_HALF_TAPS + 1) * _MID_UM
+    k = np.sinc(2 * _SPLIT_CYCLES_PER_UM * x) * np.sinc(x / (x[-1] + _MID_UM))
+    return k / k.sum()
+
+
+def _fine_band(cls, ref):
+    """`cls`'s detail finer than 1 / _SPLIT_CYCLES_PER_UM on `ref`'s coarse content:
+    cls + lowpass(ref - cls), with a linear, shift-invariant low-pass that is flat over the whole
+    band a 4 µm pixel sees. Done on RGB intensity, the very values a downsampler averages: on
+    optical density or stain concentrations, exp() would turn fine class texture into a coarse
+    shift of intensity. A downsample-upsample pair (reduce then resize) instead of the low-pass
+    aliases fine content into the coarse band and is not flat near its own Nyquist: in the
+    tiler's 2.5x view it left 30% of the class render's difference to the reference (rms,
+    measured), this low-pass under 2%. The clamp to 0-255 that follows cuts 0.01-0.3% of the
+    pixels (darkest clumps, clearest holes), the only departure from the split."""
+    # `cls` is read by both terms, yet a cache on it (_shared) cost 50 MiB more peak memory on
+    # a 12000 px wide slide and saved no time (measured).
+    k = _lowpass_kernel()
+    r = len(k) // 2
+    diff = ref - cls
+    padded = diff.embed(r, r, diff.width + 2 * r, diff.height + 2 * r, extend="mirror")
+    return cls + _separable(padded, k, k).crop(r, r, diff.width, diff.height)
 
 
 def render_slide(width: int, height: int, mpp: float, style: SlideStyle):
     """The slide as a lazy 8-bit RGB pyvips image: nothing is computed until it is written.
 
-    Stain concentrations and colour are computed on a 1 µm grid and the RGB image is resampled
-    to the slide's resolution; at 20x-40x the upsampling stands in for the scanner's optical
-    blur."""
+    Stain concentrations and colour are computed on a 1 µm grid, once with the class's
+    morphology and once with the reference one, from the same fields; `_fine_band` joins the
+    two and the RGB image is resampled to the slide's resolution. At 20x-40x the upsampling
+    stands in for the scanner's optical blur."""
     import pyvips
 
-    m = style.morph
     rng = np.random.default_rng(style.seed)
     seeds = [int(s) for s in rng.integers(1, 2**31 - 1, size=8)]
     mid_um, lo_um = _MID_UM, _LO_UM
@@ -430,46 +478,52 @@ def render_slide(width: int, height: int, mpp: float, style: SlideStyle):
     # Chromatin grain, and a coarser texture that roughens nuclear contours and the neuropil:
     # two smoothings of one noise image.
     texture_noise = _shared(pyvips.Image.gaussnoise(mid_w, mid_h, mean=0.0, sigma=1.0, seed=seeds[4]))
-    grain = _smooth_unit(texture_noise, 1.0 / mid_um)
+    grain = _smooth_unit(texture_noise, _GRAIN_UM / mid_um)
     rough = _smooth_unit(texture_noise, _ROUGH_UM / mid_um)
 
     # Nuclei: tumour impulses from the upper tail of one noise image, glial ones from its lower
     # tail (disjoint), each denser or sparser where the cellularity field says.
     noise = _shared(pyvips.Image.gaussnoise(mid_w, mid_h, mean=0.0, sigma=1.0, seed=seeds[3]))
-    fraction = _TUMOUR_H_LOAD / m.darkness
-    ratio, halo_per_nucleus = _overlap_correction(MORPHOLOGY[style.cls], +1)
-    z_t = _impulse_threshold(m, fraction * ratio, mid_um, _CELLULARITY, +1)
-    bumps = _shared(_bumps(noise, cellularity, orientation, m, z_t, +1, rough))
+    tumour = style.nuclei
+    fraction = _TUMOUR_H_LOAD / tumour.darkness
+    ratio, _ = _overlap_correction(TUMOUR, +1)
+    z_t = _impulse_threshold(tumour, fraction * ratio, mid_um, _CELLULARITY, +1)
+    bumps = _shared(_bumps(noise, cellularity, orientation, tumour, z_t, +1))
     ratio_g, _ = _overlap_correction(GLIA, -1)
     z_g = _impulse_threshold(GLIA, _GLIA_FRACTION * ratio_g, mid_um, _CELLULARITY, -1)
-    glia = _shared(_bumps(noise, cellularity, orientation, GLIA, z_g, -1, rough))
-
-    tumour_nuc = _above(bumps, 0.5)
+    glia = _shared(_bumps(noise, cellularity, orientation, GLIA, z_g, -1))
     glia_nuc = _above(glia, 0.5)
-    nuc = _clip01(tumour_nuc + glia_nuc)
-    chromatin = (grain * m.chromatin + 1.0).clamp(min=0.0, max=1e6)  # no negative stain
-    h = nuc * (-_STROMA_H) + _STROMA_H + tumour_nuc * chromatin * m.darkness
-    h = h + glia_nuc * GLIA.darkness
-    clear = 0.0
-    if m.halo > 0:
-        clear = _clip01(_above(bumps, m.halo) - tumour_nuc - glia_nuc) * _HALO_CLEARING
     p_nuc = 1 - (1 - fraction) * (1 - _GLIA_FRACTION)
-    # Stroma eosin set so that the mean eosin per tissue pixel is the same in every class.
-    halo_fraction = fraction * halo_per_nucleus
-    stroma_e = (_MEAN_E - _NUCLEUS_E * p_nuc) / (1 - p_nuc - _HALO_CLEARING * halo_fraction)
-    e = ((nuc * -1 + 1) - clear) * (rough * 0.18 + 1.0) * stroma_e + nuc * _NUCLEUS_E
-    if m.fibrils:
-        # Zero-mean modulation: the mean eosin, and so the low-magnification colour, is unchanged.
-        fibres = _fibrils(
-            pyvips.Image.gaussnoise(mid_w, mid_h, mean=0.0, sigma=1.0, seed=seeds[5]), orientation
-        )
-        e = (e * (fibres * m.fibrils + 1.0)).clamp(min=0.0, max=1e6)
-
     inside = _clip01(tissue * (1 / 0.05))
-    he = (h * inside).bandjoin(e * inside)
-    # Beer-Lambert: optical density is linear in the stain concentrations.
-    od = he.recomb([[style.stain_h[c], style.stain_e[c]] for c in range(3)]) + list(style.background_od)
-    rgb = ((od * -1.0).math("exp") * 255.0).cast("uchar")
+
+    def stained(m: Morphology):
+        """RGB intensity (float, 0-255) of the tissue drawn with morphology `m`."""
+        # Multiplicative, so the roughness shapes nuclei without seeding specks in the stroma.
+        shaped = bumps * (rough * m.irregularity + 1.0) if m.irregularity else bumps
+        tumour_nuc = _above(shaped, 0.5)
+        nuc = _clip01(tumour_nuc + glia_nuc)
+        chromatin = (grain * m.chromatin + 1.0).clamp(min=0.0, max=1e6)  # no negative stain
+        h = nuc * (-_STROMA_H) + _STROMA_H + tumour_nuc * chromatin * tumour.darkness
+        h = h + glia_nuc * GLIA.darkness
+        clear, halo_fraction = 0.0, 0.0
+        if m.halo > 0:
+            clear = _clip01(_above(shaped, m.halo) - tumour_nuc - glia_nuc) * _HALO_CLEARING
+            halo_fraction = fraction * _overlap_correction(TUMOUR, +1, m.halo)[1]
+        # Stroma eosin set so that the mean eosin per tissue pixel does not depend on the halo.
+        stroma_e = (_MEAN_E - _NUCLEUS_E * p_nuc) / (1 - p_nuc - _HALO_CLEARING * halo_fraction)
+        e = ((nuc * -1 + 1) - clear) * (rough * 0.18 + 1.0) * stroma_e + nuc * _NUCLEUS_E
+        if m.fibrils:
+            # Zero-mean modulation: the mean eosin is unchanged.
+            fibres = _fibrils(
+                pyvips.Image.gaussnoise(mid_w, mid_h, mean=0.0, sigma=1.0, seed=seeds[5]), orientation
+            )
+            e = (e * (fibres * m.fibrils + 1.0)).clamp(min=0.0, max=1e6)
+        he = (h * inside).bandjoin(e * inside)
+        # Beer-Lambert: optical density is linear in the stain concentrations.
+        od = he.recomb([[style.stain_h[c], style.stain_e[c]] for c in range(3)]) + list(style.background_od)
+        return (od * -1.0).math("exp") * 255.0
+
+    rgb = _fine_band(stained(style.morph), stained(REFERENCE)).clamp(min=0.0, max=255.0).cast("uchar")
     scale = mid_um / mpp
     if scale != 1:
         rgb = rgb.resize(scale, kernel="linear" if scale > 1 else "lanczos3")

@@ -258,10 +258,10 @@ def _shard_layout(pixels) -> tuple[Callable[[bytes], np.ndarray] | None, int]:
         import imagecodecs
 
         return imagecodecs.jpeg8_decode, per_shard
-    if [type(c) for c in inner] == [BytesCodec, ZstdCodec] and not inner[1].checksum:
+    if [type(c) for c in inner] == [BytesCodec, ZstdCodec]:
         from numcodecs import Zstd
 
-        codec = Zstd()
+        codec = Zstd()  # checks a frame's checksum when it has one
         return (lambda chunk: np.frombuffer(codec.decode(chunk), dtype=np.uint8)), per_shard
     return None, 0
 
@@ -286,7 +286,9 @@ def _pixel_codecs(cfg: TileConfig) -> dict[str, Any]:
     if cfg.codec == "jpeg":
         return {"serializer": JpegCodec(quality=cfg.jpeg_quality), "compressors": None}
     if cfg.codec == "zstd":
-        return {"serializer": BytesCodec(), "compressors": [ZstdCodec(level=cfg.zstd_level)]}
+        # With a checksum: zstd's fast levels store most bytes as literals, and damage to literals
+        # would otherwise decode to wrong pixels without an error.
+        return {"serializer": BytesCodec(), "compressors": [ZstdCodec(level=cfg.zstd_level, checksum=True)]}
     raise ValueError(f"unknown tile codec {cfg.codec!r}")  # pragma: no cover - pydantic checks it
 
 
@@ -296,8 +298,8 @@ def _tile_encoder(cfg: TileConfig) -> Callable[[np.ndarray], bytes]:
         return JpegCodec(quality=cfg.jpeg_quality).encode_tile
     from numcodecs import Zstd
 
-    # zarr's ZstdCodec(level) runs this numcodecs codec (checksum off) on the tile's raw bytes.
-    return Zstd(level=cfg.zstd_level).encode
+    # zarr's ZstdCodec(level, checksum) runs this numcodecs codec on the tile's raw bytes.
+    return Zstd(level=cfg.zstd_level, checksum=True).encode
 
 
 # Zarr v3 sharding with zarr-python's defaults (index at the end, index codecs bytes + crc32c): a

@@ -274,96 +274,157 @@ def test_cli_synth(tmp_path):
 # ------------------------------------------------------------------ where the class lives
 
 
-def dark_components(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nuclei as seen by a simple image analysis: connected pixels darker in red (haematoxylin
-    absorbs red, eosin hardly does) than an Otsu threshold over the tissue. Returns each
-    component's area in µm², its elongation (ratio of second-moment axes) and pixel count."""
-    rgb = rgb.astype(np.float64)
-    tissue = rgb.min(axis=-1) < 200
-    od = -np.log(np.maximum(rgb[..., 0], 1) / 255)
-    hist, edges = np.histogram(od[tissue], 128)
-    mids = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * mids) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * mids) - np.cumsum(hist * mids)) / np.maximum(w1, 1)
-    threshold = mids[np.argmax(w0 * w1 * (m0 - m1) ** 2)]
-    labels, n = ndi.label((od > threshold) & tissue)
-    idx = np.arange(1, n + 1)
-    yy, xx = np.indices(labels.shape)
-    count = ndi.sum(np.ones_like(od), labels, idx)
-    my, mx = ndi.mean(yy, labels, idx), ndi.mean(xx, labels, idx)
-    syy = ndi.mean(yy**2, labels, idx) - my**2 + 1 / 12
-    sxx = ndi.mean(xx**2, labels, idx) - mx**2 + 1 / 12
-    sxy = ndi.mean(xx * yy, labels, idx) - mx * my
-    half = np.sqrt(np.maximum((sxx - syy) ** 2 / 4 + sxy**2, 0))
-    elongation = np.sqrt(((sxx + syy) / 2 + half) / ((sxx + syy) / 2 - half))
-    return count * mpp * mpp, elongation, count
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    return -np.log(np.maximum(rgb.astype(np.float64), 1) / 255)
 
 
-def halo_fraction(rgb: np.ndarray, mpp: float) -> float:
-    """Share of the pixels within 2 µm of a dark (nuclear) pixel that are clear, i.e. stained
-    much less than the case's stroma though inside the tissue: a perinuclear halo."""
-    od = -np.log(np.maximum(rgb.astype(np.float64), 1) / 255)
+def class_features(rgb: np.ndarray, mpp: float) -> dict[str, float]:
+    """The class features by simple image analysis of one render. Nuclei are the darkest 15% of
+    the tissue in red (haematoxylin absorbs red, eosin hardly does). Chromatin: relative spread
+    of the red optical density inside them. Clearing: eosin (green optical density) 0.5-2 µm
+    from a nucleus over eosin 3-6 µm from it. Alignment: structure-tensor coherence of the
+    eosin in the neuropil (1 for parallel fibres, near 0 for isotropic texture)."""
+    od = optical_density(rgb)
     tissue = rgb.min(axis=-1) < 200
-    region = ndi.binary_closing(tissue, iterations=max(1, round(4 / mpp)))
-    dark = (od[..., 0] > np.percentile(od[..., 0][tissue], 90)) & tissue
-    clear = od[..., 1] < 0.4 * np.median(od[..., 1][tissue])
-    near = ndi.binary_dilation(dark, iterations=max(1, round(2 / mpp)))
-    return float((near & region & clear).sum() / max(near.sum(), 1))
+    dark = (od[..., 0] > np.percentile(od[..., 0][tissue], 85)) & tissue
+    inner = ndi.binary_erosion(dark, iterations=2)
+    distance = ndi.distance_transform_edt(~dark) * mpp
+    near = (distance > 0.5) & (distance <= 2) & tissue
+    far = (distance > 3) & (distance <= 6) & tissue
+    neuropil = ndi.binary_erosion(tissue & (od[..., 0] < np.percentile(od[..., 0][tissue], 60)), iterations=3)
+    gy, gx = np.gradient(od[..., 1])
+    jxx, jyy, jxy = (ndi.gaussian_filter(v, 2 / mpp) for v in (gx * gx, gy * gy, gx * gy))
+    coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (jxx + jyy + 1e-12)
+    return {
+        "chromatin": od[..., 0][inner].std() / od[..., 0][inner].mean(),
+        "clearing": od[..., 1][near].mean() / od[..., 1][far].mean(),
+        "alignment": coherence[neuropil].mean(),
+    }
 
 
 @pytest.fixture(scope="module")
 def controlled_slides():
-    """The same case nuisance (stain, tissue layout, seeds) drawn for each class, so that any
-    difference between the renders is the class's; two such nuisance draws."""
+    """The same case nuisance (stain, nuclei, tissue layout, seeds) drawn for each class, so that
+    any difference between the renders is the class's; two such nuisance draws. Each at 0.5
+    µm/px and at 4 µm/px by the tiler's own 2.5x downsampling."""
+    from radpath_fs.wsi import downsample
+
     renders = {}
     for k in range(2):
         base = S.slide_style("G", np.random.default_rng(50 + k))
         for cls in CLASSES:
             style = dataclasses.replace(base, cls=cls, morph=S.MORPHOLOGY[cls])
-            image = S.render_slide(1536, 1536, 0.5, style)
-            renders[k, cls] = (image.numpy(), image.shrink(8, 8).numpy())  # 0.5 and 4 µm/px
+            hi = S.render_slide(1536, 1536, 0.5, style).numpy()
+            renders[k, cls] = (hi, downsample(pyvips.Image.new_from_array(hi), 8).numpy())
     return renders
 
 
-def test_class_is_visible_at_the_cellular_scale_and_fades_at_low_magnification(controlled_slides):
+def test_each_class_shows_its_features_at_20x(controlled_slides):
     for k in range(2):
-        hi = {c: dark_components(controlled_slides[k, c][0], 0.5) for c in CLASSES}
-        lo = {c: dark_components(controlled_slides[k, c][1], 4.0) for c in CLASSES}
-        # Astrocytoma nuclei are elongated at 20x; at 2.5x a nucleus is one or two pixels.
-        elong_hi = {c: np.median(hi[c][1][hi[c][2] >= 4]) for c in CLASSES}
-        elong_lo = {c: np.median(lo[c][1][lo[c][2] >= 4]) for c in CLASSES}
-        ratio_hi = elong_hi["A"] / max(elong_hi["G"], elong_hi["O"])
-        ratio_lo = elong_lo["A"] / max(elong_lo["G"], elong_lo["O"])
-        assert ratio_hi > 1.6 and ratio_lo < ratio_hi - 0.4, (elong_hi, elong_lo)
-        # Glioblastoma nuclei are the large, pleomorphic ones.
-        big = {c: np.percentile(hi[c][0], 90) for c in CLASSES}
-        assert big["G"] > 1.2 * max(big["A"], big["O"]), big
-        # Oligodendroglioma nuclei have a clear halo at 20x, lost at 2.5x.
-        halo_hi = {c: halo_fraction(controlled_slides[k, c][0], 0.5) for c in CLASSES}
-        halo_lo = {c: halo_fraction(controlled_slides[k, c][1], 4.0) for c in CLASSES}
-        assert halo_hi["O"] > 0.03 and halo_hi["O"] > 5 * max(halo_hi["A"], halo_hi["G"]), halo_hi
-        assert halo_lo["O"] < halo_hi["O"] / 3, halo_lo
+        f = {c: class_features(controlled_slides[k, c][0], 0.5) for c in CLASSES}
+        chromatin = {c: f[c]["chromatin"] for c in CLASSES}
+        # Glioblastoma's chromatin is the most clumped, oligodendroglioma's smooth.
+        assert chromatin["G"] > 1.3 * chromatin["A"] and chromatin["A"] > 2 * chromatin["O"], chromatin
+        # Oligodendroglioma's perinuclear halo; astrocytoma's fibrillary neuropil.
+        clearing = {c: f[c]["clearing"] for c in CLASSES}
+        assert clearing["O"] < min(clearing["A"], clearing["G"]) - 0.03, clearing
+        alignment = {c: f[c]["alignment"] for c in CLASSES}
+        assert alignment["A"] > 1.5 * max(alignment["G"], alignment["O"]), alignment
 
 
-def test_low_magnification_colour_does_not_give_the_class_away(controlled_slides):
-    def mean_od(rgb):
-        tissue = rgb.min(axis=-1) < 200
-        return -np.log(np.maximum(rgb[tissue].astype(np.float64), 1) / 255).mean(axis=0)
+def test_the_class_is_gone_at_2_5x(controlled_slides):
+    """At 0.5 µm/px the three classes' renders of one case differ all over the tissue; at
+    4 µm/px they are one image, but for the few pixels where the clamp to 0-255 cut some of the
+    fine detail off (the split into coarse and fine content is exact before it)."""
+    for k in range(2):
+        hi = [controlled_slides[k, c][0].astype(np.int32) for c in CLASSES]
+        lo = [controlled_slides[k, c][1].astype(np.int32) for c in CLASSES]
+        tissue_hi, tissue_lo = hi[0].min(axis=-1) < 200, lo[0].min(axis=-1) < 200
+        for i, j in [(0, 1), (0, 2), (1, 2)]:
+            fine = np.abs(hi[i] - hi[j])[tissue_hi].mean()
+            coarse = np.abs(lo[i] - lo[j])[tissue_lo]
+            assert fine > 5 and coarse.mean() < 0.3 and np.percentile(coarse, 99) <= 2, (
+                fine,
+                coarse.mean(),
+                np.percentile(coarse, 99),
+            )
 
-    class_effect = max(
-        np.ptp([mean_od(controlled_slides[k, c][1]) for c in CLASSES], axis=0).max() for k in range(2)
+
+def texture_statistics(rgb: np.ndarray) -> np.ndarray:
+    """A slide's tissue texture as 15 numbers, at whatever resolution: the mean optical density
+    per channel; then, on the grey optical density scaled by its tissue mean (so that stain
+    strength cancels), its spread and skewness, gradient and Laplacian energy and local (3x3)
+    variance quantiles relative to its variance, structure-tensor coherence (anisotropy, e.g.
+    aligned nuclei or fibres) and autocorrelation at 1-3 px (the size of what is drawn)."""
+    od = optical_density(rgb)
+    tissue = ndi.binary_erosion(rgb.min(axis=-1) < 200, iterations=2)
+    g = od.mean(axis=-1)
+    g = g / g[tissue].mean()
+    t = g[tissue]
+    var = t.var()
+    gy, gx = np.gradient(g)
+    jxx, jyy, jxy = (ndi.gaussian_filter(v, 1.5) for v in (gx * gx, gy * gy, gx * gy))
+    coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (jxx + jyy + 1e-12)
+    local_var = ndi.uniform_filter(g**2, 3) - ndi.uniform_filter(g, 3) ** 2
+    lags = []
+    for k in (1, 2, 3):
+        pair = tissue[:, :-k] & tissue[:, k:]
+        lags.append(np.corrcoef(g[:, :-k][pair], g[:, k:][pair])[0, 1])
+    return np.array(
+        [
+            *od[tissue].mean(axis=0),
+            t.std(),
+            ((t - t.mean()) ** 3).mean() / t.std() ** 3,
+            (gx**2 + gy**2)[tissue].mean() / var,
+            (ndi.laplace(g) ** 2)[tissue].mean() / var,
+            coherence[tissue].mean(),
+            *(np.quantile(local_var[tissue], [0.1, 0.5, 0.9]) / var),
+            *lags,
+        ]
     )
-    # Per-case nuisance alone: one class, several stain draws, at 4 µm/px.
-    nuisance = []
-    for k in range(8):
-        style = dataclasses.replace(
-            S.slide_style("A", np.random.default_rng(200 + k)), morph=S.MORPHOLOGY["A"]
-        )
-        nuisance.append(mean_od(S.render_slide(1024, 1024, 0.5, style).shrink(8, 8).numpy()))
-    nuisance_sd = np.std(nuisance, axis=0).max()
-    assert class_effect < 0.3 * nuisance_sd, (class_effect, nuisance_sd)
+
+
+def cross_validated_accuracy(x: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """Out-of-fold balanced accuracy (5 folds) of a logistic regression and a random forest."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    models = {
+        "logistic": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+        "forest": RandomForestClassifier(200, random_state=0),
+    }
+    return {
+        name: float(balanced_accuracy_score(labels, cross_val_predict(model, x, labels, cv=folds)))
+        for name, model in models.items()
+    }
+
+
+def test_texture_statistics_find_the_class_at_20x_and_not_at_2_5x():
+    """90 small slides (256 µm, 30 per class), each case with its own nuisance, summarised by
+    texture statistics at 0.5 µm/px and at 4 µm/px (the tiler's own 2.5x downsampling), and two
+    classifiers cross-validated on them. Chance is 1/3 with a standard deviation of about 0.05:
+    0.5 is over three above it. Measured: 0.99-1.0 at 0.5 µm/px, 0.27-0.36 at 4 µm/px (three
+    seeds); the generator before the coarse content was made class-independent reached 0.87
+    (logistic) and 0.89 (forest) at 4 µm/px here."""
+    from radpath_fs.wsi import downsample
+
+    fine, coarse, labels = [], [], []
+    for i in range(30):
+        for cls in CLASSES:
+            style = S.slide_style(cls, np.random.default_rng([7, i, CLASSES.index(cls)]))
+            rgb = S.render_slide(512, 512, 0.5, style).numpy()
+            fine.append(texture_statistics(rgb))
+            coarse.append(texture_statistics(downsample(pyvips.Image.new_from_array(rgb), 8).numpy()))
+            labels.append(cls)
+    at_20x = cross_validated_accuracy(np.array(fine), labels)
+    at_2_5x = cross_validated_accuracy(np.array(coarse), labels)
+    assert min(at_20x.values()) >= 0.9, (at_20x, at_2_5x)
+    assert max(at_2_5x.values()) <= 0.5, (at_20x, at_2_5x)
 
 
 # ------------------------------------------------------------------------------ bounded memory
