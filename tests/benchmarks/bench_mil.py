@@ -62,8 +62,8 @@ def test_head_mode_221_slides_50_epochs(tmp_path):
 @pytest.mark.timeout(1200)
 def test_head_mode_accuracy_on_a_synthetic_cohort(tmp_path):
     """Out-of-fold balanced accuracy of head-mode models on a synthetic cohort taken through the
-    real stage one, at 20x (where the generator draws the class, in the nuclei) and at 2.5x
-    (where it has faded). 90 balanced cases, 3 folds, random-weight embedder
+    real stage one, at 20x (where the generator draws the class, in detail finer than 5 µm) and
+    at 2.5x (where the tiler's downsampling leaves none of it). 90 balanced cases, 3 folds, random-weight embedder
     (RADPATH_BENCH_EMBEDDER, default test_efficientnet). Reported, not asserted (test_mil.py
     asserts it with a random MobileNetV3): with random features this measures the generator's
     signal as much as the classifier."""
