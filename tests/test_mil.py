@@ -461,6 +461,18 @@ def out_of_fold_balanced_accuracy(store: Store, cfg: PipelineConfig, mag: float,
 ACCURACY_EMBEDDER = "mobilenetv3_small_050"
 
 
+def accuracy_head_config(embedder: str) -> PipelineConfig:
+    """Head-mode settings for the 90-case synthetic chain. For 60 training cases rather than the
+    paper's 221: a larger step than its 5e-5, whole bags of up to 200 tiles, and lighter dropout
+    than 0.5."""
+    return PipelineConfig.model_validate({
+        "embed": {"name": embedder, "input_size": 64, "batch_size": 128},
+        "wsi": {"mode": "head", "epochs": 60, "snapshots": [-1], "lr": 1e-3, "tiles_per_slide": 200,
+                "head": {"dropout": 0.2}},
+        "predict": {"repeats": 5},
+    })
+
+
 def test_head_mode_finds_the_class_at_20x_and_not_at_2_5x(tmp_path):
     """The real chain (synth -> ingest -> tile -> embed -> train-wsi head -> predict) on 90
     balanced synthetic cases in 3 folds, so every case is held out once. The generator puts the
@@ -473,14 +485,7 @@ def test_head_mode_finds_the_class_at_20x_and_not_at_2_5x(tmp_path):
     (seeds 5, 1, 2; 0.62 on the generator before its coarse content was made class-independent),
     resnet18 0.34."""
     store = synthetic_chain(tmp_path, cases=90, unlabelled=0, folds=3, embedder=ACCURACY_EMBEDDER, seed=5)
-    # For 60 training cases rather than the paper's 221: a larger step than its 5e-5, whole bags
-    # of up to 200 tiles, and lighter dropout than 0.5.
-    cfg = PipelineConfig.model_validate({
-        "embed": {"name": ACCURACY_EMBEDDER, "input_size": 64, "batch_size": 128},
-        "wsi": {"mode": "head", "epochs": 60, "snapshots": [-1], "lr": 1e-3, "tiles_per_slide": 200,
-                "head": {"dropout": 0.2}},
-        "predict": {"repeats": 5},
-    })
+    cfg = accuracy_head_config(ACCURACY_EMBEDDER)
     at20, n20 = out_of_fold_balanced_accuracy(store, cfg, 20, folds=3)
     at2_5, n2_5 = out_of_fold_balanced_accuracy(store, cfg, 2.5, folds=3)
     assert n20 == 90 and n2_5 >= 80, (n20, n2_5)  # 2.5x: a case may have no tissue tile at 256 µm

@@ -99,17 +99,12 @@ def test_2_5x_against_permuted_labels(tmp_path):
     import os
     import shutil
 
-    from tests.test_mil import out_of_fold_balanced_accuracy, synthetic_chain
+    from tests.test_mil import accuracy_head_config, out_of_fold_balanced_accuracy, synthetic_chain
 
     embedder = os.environ.get("RADPATH_BENCH_EMBEDDER", "test_efficientnet")
     permutations = int(os.environ.get("RADPATH_BENCH_PERMUTATIONS", "20"))
     store = synthetic_chain(tmp_path, cases=90, unlabelled=0, folds=3, embedder=embedder, seed=1, mags=(2.5,))
-    cfg = PipelineConfig.model_validate({
-        "embed": {"name": embedder, "input_size": 64, "batch_size": 128},
-        "wsi": {"mode": "head", "epochs": 60, "snapshots": [-1], "lr": 1e-3, "tiles_per_slide": 200,
-                "head": {"dropout": 0.2}},
-        "predict": {"repeats": 5},
-    })
+    cfg = accuracy_head_config(embedder)
     true_accuracy, _ = out_of_fold_balanced_accuracy(store, cfg, 2.5, folds=3)
     cases = store.cases()
     rng = np.random.default_rng(0)
