@@ -428,7 +428,7 @@ class BatchReader:
     """Reads the tiles of a run of groups in batches, in order, ahead of the model.
 
     The stream runs across group (bag) boundaries, so the next slide is read while the model
-    finishes the last one. Each batch is read by `TileReader` (whole shards, tiles decoded in a
+    finishes the last one. Each batch is read by `TileReader` (mapped shard files, tiles decoded in a
     thread pool); `processes` > 0 spreads reading over
     DataLoader worker processes (shared-memory batches, pinned by DataLoader for an asynchronous
     host-to-device copy). With `processes=0` (or inside a daemonic Dask worker, which may not
@@ -672,9 +672,20 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
         summary["written"].append([case_id, mk])
         summary["tiles"] += int(data.shape[0])
 
+    # One write in flight on its own thread: a big slide's array takes longer to compress and
+    # write than a batch takes on a GPU, which would otherwise wait for it.
+    writing: list[cf.Future] = []
+
+    def on_group(gi: int, data: np.ndarray) -> None:
+        if writing:
+            writing.pop().result()
+        writing.append(writer.submit(write, gi, data))
+
     bar = progress_bar(f"embed {eid}", total=sum(sizes)) if progress else contextlib.nullcontext(None)
-    with bar as advance:
-        emb.run(reader, sizes, [t for *_, t in todo], np.dtype(ecfg.dtype), write, advance)
+    with bar as advance, cf.ThreadPoolExecutor(1, thread_name_prefix="radpath-write") as writer:
+        emb.run(reader, sizes, [t for *_, t in todo], np.dtype(ecfg.dtype), on_group, advance)
+        if writing:
+            writing.pop().result()
     return summary
 
 

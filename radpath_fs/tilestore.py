@@ -14,6 +14,7 @@ Writer: `TileGroupWriter` (streaming: tiles are appended shard by shard as a sli
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -144,9 +145,9 @@ class TileReader:
     """Reads the tiles of one complete group straight from its shard files.
 
     Zarr decodes chunk by chunk on one event loop per process, whose per-chunk Python work caps a
-    process at about a thousand 512 px tiles/s. Here a shard's index is read once, the wanted
-    chunks are fetched as one whole-shard read (when most of it is wanted) or as byte ranges,
-    and tiles are decoded in a thread pool (zstd and libjpeg-turbo release the GIL). An array
+    process at about a thousand 512 px tiles/s. Here a local shard file is memory-mapped, a
+    remote one fetched whole (when most of it is wanted) or as byte ranges, its index checked,
+    and the wanted tiles are decoded in a thread pool (zstd and libjpeg-turbo release the GIL). An array
     whose codecs are not the layout `TileGroupWriter` writes is read through zarr instead.
     """
 
@@ -206,10 +207,15 @@ class TileReader:
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
+        from zarr.storage import LocalStore
 
         key = self.pixels.store_path / self.pixels.metadata.encode_chunk_key((shard, 0, 0, 0))
-        proto = default_buffer_prototype()
         index_bytes = 16 * self._per_shard + 4
+        if isinstance(key.store, LocalStore):
+            raw = _map_file(key.store.root / key.path, index_bytes)
+            index = _shard_index(raw[-index_bytes:], str(key))[slots]
+            return [None if o == _NO_CHUNK else raw[o : o + n] for o, n in index]
+        proto = default_buffer_prototype()
         whole = len(slots) * 4 >= self._per_shard  # most of it wanted: one read beats many
         got = sync(key.get(proto, None if whole else SuffixByteRequest(index_bytes)))
         if got is None:
@@ -226,6 +232,25 @@ class TileReader:
 
         parts = iter(sync(ranges()))
         return [None if o == _NO_CHUNK else memoryview(next(parts).as_numpy_array()) for o, n in index]
+
+
+def _map_file(path, min_size: int) -> memoryview:
+    """A local shard file, memory-mapped read-only.
+
+    Reading a 40 MB shard into fresh memory costs ~18 ms, nearly all of it faulting in new pages;
+    mapped, the decoders read the page cache directly (~0.2 ms a shard). The mapping lives as long
+    as a view of it does: the chunks handed to the decoders.
+    """
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < min_size:
+                raise StoreError(f"{path}: shard file truncated ({size} bytes, its index alone is {min_size})")
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    except FileNotFoundError:
+        raise StoreError(f"{path}: shard file missing from a complete tile group") from None
 
 
 def _shard_index(raw: memoryview, where: str) -> np.ndarray:
@@ -272,7 +297,6 @@ _POOL: tuple[int, Any] | None = None
 def _decode_pool():
     """A process-wide decoding pool, made again in a forked child (a parent's threads do not fork)."""
     global _POOL
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     if _POOL is None or _POOL[0] != os.getpid():

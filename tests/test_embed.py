@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -344,3 +345,20 @@ def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):
     whole = store.open_group("tiles.zarr", "c0/20")["pixels"][:]
     np.testing.assert_array_equal(out[2][1][2].numpy(), whole[4:6, 8:56, 8:56])
     assert out[0][2][2].shape == (4, 48, 48, 3)
+
+
+def test_gpu_benchmark_runs_on_the_cpu_with_tiny_sizes(tmp_path):
+    """tests/benchmarks/gpu_embed.py runs on a GPU in `make bench-gpu`; here its plumbing, with
+    a reader process (the DataLoader path the GPU takes)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_embed", Path(__file__).parent / "benchmarks" / "gpu_embed.py")
+    gpu_embed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_embed)
+    r = gpu_embed.run(tmp_path, device="cpu", model="test_efficientnet", cases=2, tiles=10, tile_size=64,
+                      input_size=32, batch_size=4, reps=1, bare_iters=1, read_processes=1)
+    assert r["tiles"] == 20 and r["read_processes"] == 1
+    assert min(r["bare_fp32"], r["reader"], r["reader_one_process"], r["end_to_end"]) > 0
+    assert r["min_cosine_vs_cpu_fp32"] > 0.9999  # the stored vectors are the model's
+    assert json.loads((tmp_path / "gpu_embed.json").read_text())["end_to_end"] == r["end_to_end"]

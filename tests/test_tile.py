@@ -274,13 +274,16 @@ def test_writer_shards_are_the_bytes_zarr_writes(tmp_path, codec, threads):
         np.testing.assert_array_equal(wsi.read_tiles(store, "ours", 20), tiles)
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
 @pytest.mark.parametrize("codec", ["zstd", "jpeg"])
-def test_tile_reader_reads_what_zarr_reads(tmp_path, codec):
-    """TileReader reads shards itself (whole, or by byte ranges for a few tiles) and decodes in
-    threads: every way of asking gives what zarr's own reader gives; a damaged index is an error."""
+def test_tile_reader_reads_what_zarr_reads(tmp_path, codec, where):
+    """TileReader reads shards itself (memory-mapped local files; whole shards or byte ranges
+    elsewhere) and decodes in threads: every way of asking gives what zarr's own reader gives; a
+    damaged index is an error."""
     from radpath_fs.tilestore import TileReader
 
-    store = Store(tmp_path / "s", create=True)
+    url = tmp_path / "s" if where == "local" else f"memory://reader-{codec}-{tmp_path.name}/s"
+    store = Store(url, create=True)
     cfg = TileConfig(tile_size=32, tiles_per_shard=8, codec=codec)
     tiles = np.random.default_rng(2).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)
     wsi.write_tile_group(store, "c1", 20, tiles, np.zeros((21, 2)), np.ones(21), {"mpp": 0.5}, cfg)
@@ -303,11 +306,17 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path, codec):
     assert plain._decode is None
     np.testing.assert_array_equal(plain.read([20, 1, 1], (8, 24)), tiles[[20, 1, 1], 8:24, 8:24])
 
-    shard = Path(store.local_path("tiles.zarr", "c1", "20", "pixels", "c", "1", "0", "0", "0"))
-    data = bytearray(shard.read_bytes())
+    shard = store.path("tiles.zarr", "c1", "20", "pixels", "c", "1", "0", "0", "0")
+    data = bytearray(store.fs.cat_file(shard))
     data[-10] ^= 0xFF  # a flipped bit in the shard index
-    shard.write_bytes(bytes(data))
+    store.fs.pipe_file(shard, bytes(data))
     with pytest.raises(StoreError, match="checksum"):
+        reader.read([9])
+    store.fs.pipe_file(shard, bytes(data[:100]))
+    with pytest.raises(StoreError, match="truncated|checksum"):
+        reader.read([9])
+    store.fs.rm_file(shard)
+    with pytest.raises(StoreError, match="missing"):
         reader.read([9])
 
 
