@@ -431,28 +431,35 @@ class BatchReader:
     finishes the last one. Each batch is read by `TileReader` (mapped shard files, tiles decoded in a
     thread pool); `processes` > 0 spreads reading over
     DataLoader worker processes (shared-memory batches, pinned by DataLoader for an asynchronous
-    host-to-device copy). With `processes=0` (or inside a daemonic Dask worker, which may not
-    fork) `threads` threads read in this process. Yields (group index, start row, batch).
+    host-to-device copy), as many as `batch_bytes` (the largest batch's bytes) lets fit in
+    /dev/shm (`training.fit_loader`). With `processes=0` (or inside a daemonic Dask worker, which
+    may not fork) `threads` threads read in this process. Yields (group index, start row, batch).
     """
 
     def __init__(self, store_url: str, groups: list[tuple[str, str]], regions: list, sizes: list[int],
-                 batch_size: int, *, processes: int = 0, threads: int = 2, depth: int = 3, pin: bool = False):
+                 batch_size: int, *, processes: int = 0, threads: int = 2, depth: int = 3, pin: bool = False,
+                 batch_bytes: int = 0):
         import multiprocessing
 
         self.data = _TileBatches(store_url, groups, regions, batch_size, sizes)
         self.processes = processes if not multiprocessing.current_process().daemon else 0
-        self.threads, self.depth, self.pin = max(1, threads), max(1, depth), pin
+        self.threads, self.depth, self.pin, self.batch_bytes = max(1, threads), max(1, depth), pin, batch_bytes
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __iter__(self) -> Iterator[tuple[int, int, Any]]:
-        if self.processes > 0 and len(self.data) > 1:
+        from radpath_fs.training import fit_loader
+
+        # One batch is not worth starting a process for.
+        workers, depth = (min(self.processes, len(self.data)) if len(self.data) > 1 else 0), self.depth
+        if workers:
+            workers, depth = fit_loader(workers, depth, self.batch_bytes, "the embedding reader")
+        if workers:
             from torch.utils.data import DataLoader
 
             loader = DataLoader(
-                self.data, batch_size=None, shuffle=False, num_workers=min(self.processes, len(self.data)),
-                pin_memory=self.pin, prefetch_factor=self.depth,
+                self.data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=self.pin, prefetch_factor=depth,
             )
             yield from loader
             return
@@ -648,9 +655,11 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
     if read_processes is None:
         # The GPU outruns one process's Zarr reading; on the CPU the model is the slow part.
         read_processes = max(1, min(16, (os.cpu_count() or 1) - 2)) if emb.cuda else 0
+    side = [(r[1] - r[0]) if r else int(p.shape[1]) for r, (_, _, p, _) in zip(regions, todo, strict=True)]
     reader = BatchReader(
         store.url, [(c, mk) for c, mk, _, _ in todo], regions, sizes, ecfg.batch_size,
         processes=read_processes, threads=2, depth=4 if read_processes else 2, pin=emb.cuda,
+        batch_bytes=ecfg.batch_size * max(side) ** 2 * 3,
     )
     base = embedder_record(ecfg)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ import pandas as pd
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import InputError, RadpathError
+from radpath_fs.progress import warn
 from radpath_fs.store import check_name
 
 
@@ -46,6 +48,50 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+SHM = "/dev/shm"
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes where DataLoader workers put their batches (None where there is no /dev/shm)."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def fit_loader(workers: int, prefetch: int, batch_bytes: int, what: str) -> tuple[int, int]:
+    """(workers, prefetch) for a DataLoader whose batches in flight fit in shared memory.
+
+    Each worker keeps up to `prefetch` finished batches in /dev/shm and builds one more. A
+    container's /dev/shm is often small (Docker's default is 64 MiB) and running out kills the
+    workers with a bus error, so fewer batches in flight, then fewer workers, then none (reading
+    in the calling process) are tried in that order, with a warning that says what was chosen.
+    """
+    free = shm_free_bytes()
+    if workers == 0 or free is None:
+        return workers, prefetch
+
+    def need(w: int, p: int) -> int:
+        return int(1.25 * w * (p + 1) * batch_bytes)  # a quarter spare for other users of /dev/shm
+
+    if need(workers, prefetch) <= free:
+        return workers, prefetch
+    p = prefetch
+    while p > 1 and need(workers, p) > free:
+        p -= 1
+    w = workers
+    while w > 0 and need(w, p) > free:
+        w -= 1
+    chosen = f"{w} workers with prefetch {p}" if w else "reading in this process"
+    warn(
+        f"{SHM} has {free / 2**20:,.0f} MiB free; {what} wanted {need(workers, prefetch) / 2**20:,.0f} MiB "
+        f"({workers} workers x {prefetch + 1} batches of {batch_bytes / 2**20:,.1f} MiB): {chosen}. "
+        "Give the machine more shared memory (e.g. docker run --shm-size=16g)"
+    )
+    return w, (p if w else prefetch)
 
 
 def seed_everything(seed: int) -> None:

@@ -347,6 +347,33 @@ def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):
     assert out[0][2][2].shape == (4, 48, 48, 3)
 
 
+def test_loaders_fit_their_batches_in_shared_memory(tmp_path, monkeypatch, capsys):
+    """Worker batches live in /dev/shm, often 64 MiB in a container: a loader that would overflow
+    it holds fewer batches, then starts fewer workers, then reads in its own process, and says so."""
+    from radpath_fs import training
+
+    mib = 2**20
+    monkeypatch.setattr(training, "shm_free_bytes", lambda: 10 * mib)
+    assert training.fit_loader(4, 4, mib // 8, "r") == (4, 4)  # fits: nothing said
+    assert capsys.readouterr().err == ""
+    assert training.fit_loader(4, 4, mib, "r") == (4, 1)  # 4 x 2 batches x 1 MiB (+25%) = 10 MiB
+    assert training.fit_loader(4, 4, 2 * mib, "r") == (2, 1)
+    assert training.fit_loader(4, 4, 8 * mib, "r") == (0, 4)
+    err = capsys.readouterr().err
+    assert "2 workers with prefetch 1" in err and "reading in this process" in err and "--shm-size" in err
+
+    store = make_store(tmp_path / "s")
+    groups, regions, sizes = [("c0", "20"), ("c_val", "20")], [(8, 56)] * 2, [6, 4]
+    batches = {}
+    for free in (None, 1):  # no /dev/shm to check, and one with no room at all
+        monkeypatch.setattr(training, "shm_free_bytes", lambda free=free: free)
+        reader = E.BatchReader(store.url, groups, regions, sizes, 4, processes=2, depth=2, batch_bytes=4 * 48 * 48 * 3)
+        batches[free] = [(gi, start, b.clone()) for gi, start, b in reader]
+    assert "the embedding reader" in capsys.readouterr().err
+    assert [(g, s) for g, s, _ in batches[1]] == [(g, s) for g, s, _ in batches[None]] == [(0, 0), (0, 4), (1, 0)]
+    assert all(torch.equal(a, b) for (*_, a), (*_, b) in zip(batches[1], batches[None], strict=True))
+
+
 def test_gpu_benchmark_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     """tests/benchmarks/gpu_embed.py runs on a GPU in `make bench-gpu`; here its plumbing, with
     a reader process (the DataLoader path the GPU takes)."""

@@ -341,6 +341,22 @@ def test_loader_and_device_augmentation_agree_on_cpu(tmp_path, cohort):
     assert sampler.batches() != batches  # another epoch, another order and other seeds
 
 
+def test_loader_workers_fit_in_shared_memory(monkeypatch):
+    """Three 4x128^3 float16 volumes are 48 MiB a batch: Docker's default 64 MiB /dev/shm holds no
+    worker's queue, so the loader reads in the main process instead of dying of a bus error."""
+    from radpath_fs import training
+    from radpath_fs.mri.data import make_loader, volume_bytes
+
+    mcfg = MRITrainConfig(spatial_size=[128, 128, 128])
+    assert volume_bytes(mcfg) == 2 * 4 * 128**3
+    ds = CachedVolumes("unused", ["a", "b"])
+    sampler = EpochBatches(2, 3, seed=0, fold=0)
+    for free, workers, prefetch in ((2**40, 2, 4), (300 * 2**20, 2, 1), (64 * 2**20, 0, None)):
+        monkeypatch.setattr(training, "shm_free_bytes", lambda free=free: free)
+        loader = make_loader(ds, batch_sampler=sampler, num_workers=2, item_bytes=volume_bytes(mcfg))
+        assert (loader.num_workers, loader.prefetch_factor) == (workers, prefetch)
+
+
 # ---- training and prediction ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cohort):

@@ -178,10 +178,23 @@ def worker_init(_: int) -> None:
     set_track_meta(False)
 
 
-def make_loader(dataset, *, batch_sampler=None, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
+def volume_bytes(mcfg: MRITrainConfig) -> int:
+    """Bytes of one cached volume as the loader yields it (float16, all modalities)."""
+    return 2 * len(mcfg.modalities) * math.prod(mcfg.spatial_size)
+
+
+def make_loader(dataset, *, batch_sampler=None, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                item_bytes: int = 0):
+    """A DataLoader of `dataset`; with workers, as many as batches of `item_bytes` items fit in /dev/shm."""
+    from radpath_fs.training import fit_loader
+
+    prefetch = 4
+    if num_workers > 0:
+        per_batch = getattr(batch_sampler, "batch_size", batch_size) * item_bytes
+        num_workers, prefetch = fit_loader(num_workers, prefetch, per_batch, "the MRI loader")
     kwargs = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=worker_init)
     if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=4)
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch)
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)

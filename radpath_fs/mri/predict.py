@@ -13,7 +13,7 @@ import torch
 
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import RadpathError
-from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader
+from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader, volume_bytes
 from radpath_fs.mri.preprocess import MRI_ERRORS, is_cached, preprocess_cases, recorded_errors
 from radpath_fs.mri.train import Runtime, build_network, predict_logits
 from radpath_fs.predict import default_splits, split_cases
@@ -83,7 +83,7 @@ def predict_mri(
     for split, rows in todo:
         ids = [str(c) for c in rows["case_id"]]
         loader = make_loader(CachedVolumes(store.url, ids), batch_size=cfg.mri.eval_batch_size,
-                             num_workers=workers, pin_memory=rt.cuda)
+                             num_workers=workers, pin_memory=rt.cuda, item_bytes=volume_bytes(mcfg))
         logits = predict_logits(model, loader, rt)
         table = prediction_table(
             model_id=model_id,

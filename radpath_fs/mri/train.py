@@ -30,6 +30,7 @@ from radpath_fs.mri.data import (
     default_workers,
     device_batches,
     make_loader,
+    volume_bytes,
 )
 from radpath_fs.mri.preprocess import PREPROCESS_VERSION, is_cached, preprocess_cases
 from radpath_fs.progress import info, progress_bar, warn
@@ -279,10 +280,11 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids) -> list[s
     workers = default_workers(mcfg, device)
     sampler = EpochBatches(len(train_ids), mcfg.batch_size, cfg.seed, fold)
     train_ds = CachedVolumes(store.url, train_ids, y_train, augment=mcfg if aug_on == "loader" else None)
-    train_loader = make_loader(train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=rt.cuda)
+    item = volume_bytes(mcfg)
+    train_loader = make_loader(train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=rt.cuda, item_bytes=item)
     val_loader = (
         make_loader(CachedVolumes(store.url, val_ids, y_val), batch_size=mcfg.eval_batch_size,
-                    num_workers=min(workers, 4), pin_memory=rt.cuda)
+                    num_workers=min(workers, 4), pin_memory=rt.cuda, item_bytes=item)
         if val_ids else None
     )
     device_aug = augment_transforms(mcfg, device) if aug_on == "device" else None

@@ -135,7 +135,8 @@ def reader_rate(store, ids, batch_size: int, input_size: int, pin: bool, process
         sizes.append(int(px.shape[0]))
         regions.append((top, top + input_size))
     reader = BatchReader(store.url, [(c, "20") for c in ids], regions, sizes, batch_size,
-                         processes=processes, threads=2, depth=4 if processes else 2, pin=pin)
+                         processes=processes, threads=2, depth=4 if processes else 2, pin=pin,
+                         batch_bytes=batch_size * input_size**2 * 3)
     n = 0
     t0 = time.perf_counter()
     for _, _, batch in reader:

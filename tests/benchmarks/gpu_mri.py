@@ -129,6 +129,7 @@ def loader_only(store, cfg, device, mode: str, workers: int) -> dict:
         augment_transforms,
         device_batches,
         make_loader,
+        volume_bytes,
     )
     from radpath_fs.mri.train import Runtime
 
@@ -136,7 +137,8 @@ def loader_only(store, cfg, device, mode: str, workers: int) -> dict:
     ids = list(store.cases()["case_id"])
     sampler = EpochBatches(len(ids), cfg.mri.batch_size, cfg.seed, -1)
     ds = CachedVolumes(store.url, ids, augment=cfg.mri if mode == "loader" else None)
-    loader = make_loader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=rt.cuda)
+    loader = make_loader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=rt.cuda,
+                         item_bytes=volume_bytes(cfg.mri))
     aug = augment_transforms(cfg.mri, device) if mode == "device" else None
     track = get_track_meta()
     set_track_meta(False)
