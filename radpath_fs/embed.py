@@ -20,19 +20,20 @@ import concurrent.futures as cf
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from radpath_fs.config import EmbedConfig
-from radpath_fs.errors import ConfigError, InputError, StoreError
+from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
 from radpath_fs.progress import info, warn
 from radpath_fs.store import COMPLETE, Store, check_name, mag_key
-from radpath_fs.tilestore import TILES, TileReader, tile_group_path
+from radpath_fs.tilestore import TILES, TileReader, tile_group_attrs, tile_group_path
 from radpath_fs.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 EMBEDDINGS = "embeddings.zarr"
@@ -232,36 +233,46 @@ def _train_cases(store: Store) -> list[str]:
     return sorted(cases.loc[cases["split"] == "train", "case_id"].astype(str))
 
 
-def _pixel_moments(x) -> tuple:
-    """Dask graph of (count, sum, sum of squares) per channel of uint8 (..., 3) pixels, exact."""
-    import dask.array as da
+# Tiles per Dask task of the normalisation pass; a task reduces them MOMENT_READ at a time.
+MOMENT_BLOCK = 256
+MOMENT_READ = 32
 
-    axes = tuple(range(x.ndim - 1))
-    s = x.sum(axis=axes, dtype=np.uint64)
-    # 255**2 fits uint16, so squares are exact without widening the pixels to 8 bytes.
-    ss = da.map_blocks(np.square, x.astype(np.uint16), dtype=np.uint16).sum(axis=axes, dtype=np.uint64)
-    return s, ss
+
+def _block_moments(store_url: str, case_id: str, mk: str, start: int, stop: int) -> np.ndarray:
+    """(2, 3) uint64: per-channel sum and sum of squares of tiles [start, stop) of a group, exact."""
+    reader = TileReader(Store(store_url), case_id, float(mk))
+    out = np.zeros((2, 3), dtype=np.uint64)
+    for a in range(start, stop, MOMENT_READ):
+        x = reader.read(slice(a, min(a + MOMENT_READ, stop))).reshape(-1, 3)
+        out[0] += x.sum(axis=0, dtype=np.uint64)
+        out[1] += np.square(x, dtype=np.uint16).sum(axis=0, dtype=np.uint64)  # 255**2 fits uint16
+    return out
+
+
+def source_fingerprint(store: Store, case_id: str, magnification: float) -> str | None:
+    """The content fingerprint of a complete tile group (None for groups written before there was one)."""
+    return tile_group_attrs(store, case_id, magnification).get("fingerprint")
 
 
 def tile_moments(store: Store, magnifications: list[float] | None = None, *, scheduler: str = "threads") -> dict:
     """Per magnification, exact pixel moments of the training tiles: {mag_key: {n, sum, sumsq, cases}}.
 
-    Cached in ``stats/tile_moments.json``; an entry is reused while the set of training tile
-    groups (case ids and tile counts) is unchanged, and recomputed otherwise.
+    One Dask task per block of MOMENT_BLOCK tiles of a group, each reading with `TileReader` and
+    returning six integers. Cached in ``stats/tile_moments.json``; an entry is reused while the
+    training tile groups (case ids, tile counts and content fingerprints) are unchanged.
     """
     import dask
-    import dask.array as da
 
     train = _train_cases(store)
-    groups: dict[str, list[tuple[str, int]]] = {}
-    arrays: dict[str, list] = {}
+    groups: dict[str, list[tuple[str, int, str | None]]] = {}
+    side: dict[str, int] = {}
     for case in train:
         for mk in _tile_groups(store, case, magnifications):
             if not store.group_is_complete(TILES, f"{case}/{mk}"):
                 continue
             px = _tile_pixels(store, case, float(mk))
-            groups.setdefault(mk, []).append((case, int(px.shape[0])))
-            arrays.setdefault(mk, []).append(px)
+            groups.setdefault(mk, []).append((case, int(px.shape[0]), source_fingerprint(store, case, float(mk))))
+            side[mk] = int(px.shape[1])
     wanted = [mag_key(m) for m in magnifications] if magnifications is not None else sorted(groups, key=float)
     missing = [mk for mk in wanted if mk not in groups]
     if missing or not wanted:
@@ -280,20 +291,19 @@ def tile_moments(store: Store, magnifications: list[float] | None = None, *, sch
         else:
             todo.append((mk, key))
     if todo:
-        graphs = []
-        for mk, _ in todo:
-            per_group = [_pixel_moments(da.from_zarr(a)) for a in arrays[mk] if a.shape[0] > 0]
-            graphs.append(per_group)
+        block = dask.delayed(_block_moments, pure=True)
+        graphs = {
+            mk: [block(store.url, case, mk, a, min(a + MOMENT_BLOCK, n)) for case, n, _ in groups[mk]
+                 for a in range(0, n, MOMENT_BLOCK)]
+            for mk, _ in todo
+        }
         computed = dask.compute(graphs, scheduler=scheduler)[0]
-        for (mk, key), per_group in zip(todo, computed, strict=True):
-            s = sum((np.asarray(p[0], dtype=np.uint64) for p in per_group), np.zeros(3, np.uint64))
-            ss = sum((np.asarray(p[1], dtype=np.uint64) for p in per_group), np.zeros(3, np.uint64))
-            px = _tile_pixels(store, groups[mk][0][0], float(mk))
-            n = sum(c for _, c in groups[mk]) * int(px.shape[1]) * int(px.shape[2])
+        for mk, key in todo:
+            total = sum(computed[mk], np.zeros((2, 3), dtype=np.uint64))
             result[mk] = {
-                "n": int(n),
-                "sum": [int(v) for v in s],
-                "sumsq": [int(v) for v in ss],
+                "n": sum(n for _, n, _ in groups[mk]) * side[mk] ** 2,
+                "sum": [int(v) for v in total[0]],
+                "sumsq": [int(v) for v in total[1]],
                 "cases": len(groups[mk]),
                 "groups_hash": key,
             }
@@ -378,6 +388,17 @@ def read_embeddings(store: Store | str, embedder: str, case_id: str, magnificati
     return out if dtype is None else out.astype(dtype, copy=False)
 
 
+def embedding_transforms(store: Store, embedder: str, case_ids: list[str], magnification: float) -> dict[str, dict]:
+    """{case: the transform record its embeddings were made with}; a StoreError if they differ
+    (a store embedded only in part since the normalisation statistics changed)."""
+    records = {c: embedding_attrs(store, embedder, c, magnification).get("transform") for c in case_ids}
+    kinds = {json.dumps(r, sort_keys=True) for r in records.values()}
+    if len(kinds) > 1:
+        raise StoreError(f"{store.path(EMBEDDINGS, embedder)}: embeddings at {mag_key(magnification)} made with "
+                         f"{len(kinds)} different transforms; rerun `radpath embed` to finish recomputing them")
+    return records
+
+
 def embedding_attrs(store: Store, embedder: str, case_id: str, magnification: float) -> dict:
     arr = _open_embedding(store, embedder, case_id, magnification)
     if arr is None:
@@ -421,7 +442,12 @@ class _TileBatches:
         import torch
 
         gi, start, stop = self.work[i]
-        return gi, start, torch.from_numpy(self._reader(gi).read(slice(start, stop), self.regions[gi]))
+        try:
+            return gi, start, torch.from_numpy(self._reader(gi).read(slice(start, stop), self.regions[gi]))
+        except RadpathError as e:
+            # Handed back, not raised: a DataLoader worker's exception reaches the caller wrapped
+            # in a traceback, where the error that names the damaged group should be one line.
+            return gi, start, e
 
 
 class BatchReader:
@@ -461,14 +487,15 @@ class BatchReader:
             loader = DataLoader(
                 self.data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=self.pin, prefetch_factor=depth,
             )
-            yield from loader
+            for item in loader:
+                yield _checked(item)
             return
         with cf.ThreadPoolExecutor(self.threads, thread_name_prefix="radpath-read") as pool:
             pending = [pool.submit(self._read, i) for i in range(min(self.depth, len(self.data)))]
             nxt = len(pending)
             try:
                 while pending:
-                    item = pending.pop(0).result()
+                    item = _checked(pending.pop(0).result())
                     if nxt < len(self.data):
                         pending.append(pool.submit(self._read, nxt))
                         nxt += 1
@@ -479,7 +506,13 @@ class BatchReader:
 
     def _read(self, i: int):
         gi, start, batch = self.data[i]
-        return gi, start, (batch.pin_memory() if self.pin else batch)
+        return gi, start, (batch.pin_memory() if self.pin and not isinstance(batch, Exception) else batch)
+
+
+def _checked(item):
+    if isinstance(item[2], Exception):
+        raise item[2]
+    return item
 
 
 class Embedder:
@@ -543,7 +576,9 @@ class Embedder:
                 outs[gi] = None
 
         pending = None
-        with torch.inference_mode():
+        # Events record on the current device's stream: make it this model's (`--device cuda:1`).
+        on_device = torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext()
+        with torch.inference_mode(), on_device:
             for gi, start, batch in reader:
                 feats = self.forward(batch.to(self.device, non_blocking=True), transforms[gi]).to(tdtype)
                 if not self.cuda:
@@ -615,6 +650,16 @@ def embed_cases(
         return _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress)
 
 
+class _Group(NamedTuple):
+    """A tile group to embed: its lazy pixels, its transform and the fingerprint of its tiles."""
+
+    case_id: str
+    mk: str
+    pixels: Any
+    transform: Any
+    fingerprint: str | None
+
+
 def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress) -> dict:
     from radpath_fs.progress import progress_bar
     from radpath_fs.training import resolve_device
@@ -624,26 +669,31 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
     eid = embedder_id(ecfg)
     dev = resolve_device(device)
     summary: dict[str, Any] = {"written": [], "skipped": [], "incomplete_tiles": [], "tiles": 0}
-    todo = []  # (case, mag key, pixels, transform)
+    todo: list[_Group] = []
     for case_id in case_ids:
         for mk in _tile_groups(store, case_id, [float(m) for m in mag_keys]):
             if not store.group_is_complete(TILES, f"{case_id}/{mk}"):
                 summary["incomplete_tiles"].append([case_id, mk])
                 continue
             transform = eval_transform(ecfg, *stats[mk])
+            pixels = _tile_pixels(store, case_id, float(mk))
+            fingerprint = source_fingerprint(store, case_id, float(mk))
             old = _open_embedding(store, eid, case_id, float(mk))
             if old is not None and old.attrs.get(COMPLETE, False):
-                if old.attrs.get("transform") == transform.record():
+                # Redone when the tiles were re-tiled since (another recipe: other pixels, other rows).
+                same_tiles = old.shape[0] == pixels.shape[0] and old.attrs.get("source_fingerprint") == fingerprint
+                if same_tiles and old.attrs.get("transform") == transform.record():
                     summary["skipped"].append([case_id, mk])
                     continue
-                warn(f"{store.path(EMBEDDINGS, eid, case_id, mk)}: written with other normalisation statistics; recomputing")
-            todo.append((case_id, mk, _tile_pixels(store, case_id, float(mk)), transform))
+                why = "made from other normalisation statistics" if same_tiles else "made from tiles that were re-tiled since"
+                warn(f"{store.path(EMBEDDINGS, eid, case_id, mk)}: {why}; recomputing")
+            todo.append(_Group(case_id, mk, pixels, transform, fingerprint))
     if not todo:
         return summary
     emb = _cached_embedder(ecfg, dev)
     regions = []
-    for _, _, pixels, _ in todo:
-        t = int(pixels.shape[1])
+    for g in todo:
+        t = int(g.pixels.shape[1])
         region = None
         if ecfg.crop == "center" and t >= ecfg.input_size:
             # Only the center crop is read out and sent to the device: the same pixels the
@@ -651,26 +701,27 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
             top = int(round((t - ecfg.input_size) / 2.0))
             region = (top, top + ecfg.input_size)
         regions.append(region)
-    sizes = [int(p.shape[0]) for _, _, p, _ in todo]
+    sizes = [int(g.pixels.shape[0]) for g in todo]
     if read_processes is None:
         # The GPU outruns one process's Zarr reading; on the CPU the model is the slow part.
         read_processes = max(1, min(16, (os.cpu_count() or 1) - 2)) if emb.cuda else 0
-    side = [(r[1] - r[0]) if r else int(p.shape[1]) for r, (_, _, p, _) in zip(regions, todo, strict=True)]
+    side = [(r[1] - r[0]) if r else int(g.pixels.shape[1]) for r, g in zip(regions, todo, strict=True)]
     reader = BatchReader(
-        store.url, [(c, mk) for c, mk, _, _ in todo], regions, sizes, ecfg.batch_size,
+        store.url, [(g.case_id, g.mk) for g in todo], regions, sizes, ecfg.batch_size,
         processes=read_processes, threads=2, depth=4 if read_processes else 2, pin=emb.cuda,
         batch_bytes=ecfg.batch_size * max(side) ** 2 * 3,
     )
     base = embedder_record(ecfg)
 
     def write(gi: int, data: np.ndarray) -> None:
-        case_id, mk, pixels, transform = todo[gi]
+        case_id, mk, pixels, transform, fingerprint = todo[gi]
         attrs = {
             **base,
             "transform": transform.record(),
             "tile_size": int(pixels.shape[1]),
             "tiles": int(data.shape[0]),
             "source": f"{TILES}/{case_id}/{mk}",
+            "source_fingerprint": fingerprint,
             "magnification": float(mk),
             "precision": emb.precision,
             "compiled": emb.compiled,
@@ -692,7 +743,7 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
 
     bar = progress_bar(f"embed {eid}", total=sum(sizes)) if progress else contextlib.nullcontext(None)
     with bar as advance, cf.ThreadPoolExecutor(1, thread_name_prefix="radpath-write") as writer:
-        emb.run(reader, sizes, [t for *_, t in todo], np.dtype(ecfg.dtype), on_group, advance)
+        emb.run(reader, sizes, [g.transform for g in todo], np.dtype(ecfg.dtype), on_group, advance)
         if writing:
             writing.pop().result()
     return summary
@@ -724,6 +775,9 @@ def embed_store(
 
     cfg = cfg or EmbedConfig()
     check_scheduler(scheduler)
+    if cfg.compile and scheduler == "threads":
+        raise ConfigError("embed.compile: a compiled model cannot be called from several threads at once; "
+                          "use --scheduler sync (one GPU) or cuda (one process per GPU)")
     store = store_url if isinstance(store_url, Store) else Store(store_url)
     if cfg.weights is not None:
         create_embedder(cfg.name, cfg.weights, seed=cfg.seed)  # a bad file fails here, before any work
@@ -750,6 +804,10 @@ def embed_store(
             g.require_group(c)
         workers = _local_workers(scheduler)
         torch_threads = cfg.cpu_threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
+        if read_processes is None and (scheduler == "threads" or workers > 1):
+            # Slides are embedded side by side on this machine already: reader processes per
+            # task would multiply (and each task would size its /dev/shm share as if alone).
+            read_processes = 0
         info(f"embedding {len(todo)} slides with {eid} on {dev} ({scheduler})")
         kwargs = dict(
             store_url=store.url,
@@ -788,6 +846,7 @@ __all__ = [
     "embedder_id",
     "embedder_record",
     "embedding_attrs",
+    "embedding_transforms",
     "embedding_is_complete",
     "load_weights",
     "normalization_stats",

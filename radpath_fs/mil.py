@@ -251,7 +251,7 @@ class EmbeddingBags:
     kind = "embeddings"
 
     def __init__(self, store: Store, embedder_id: str, case_ids: Sequence[str], magnification: float):
-        from radpath_fs.embed import read_embeddings
+        from radpath_fs.embed import embedding_transforms, read_embeddings
 
         self.case_ids = list(case_ids)
         self.bags = []
@@ -260,6 +260,10 @@ class EmbeddingBags:
                 self.bags.append(torch.from_numpy(np.asarray(read_embeddings(store, embedder_id, c, magnification))))
                 advance()
         self.features = int(self.bags[0].shape[1]) if self.bags else 0
+        # The transform the embeddings were made with (normalisation statistics included): a head
+        # is only valid on embeddings made the same way, which prediction checks.
+        transforms = embedding_transforms(store, embedder_id, self.case_ids, magnification)
+        self.transform = next(iter(transforms.values()), None)
 
     def n_tiles(self, i: int) -> int:
         return int(self.bags[i].shape[0])
@@ -304,14 +308,8 @@ class TileBags:
     def read(self, seg: Segment) -> torch.Tensor:
         from radpath_fs.tilestore import read_tiles
 
-        case = self.case_ids[seg.case]
-        try:
-            return torch.from_numpy(read_tiles(self.store, case, self.magnification, seg.index))
-        except StoreError:
-            raise
-        except Exception as e:  # a damaged chunk: zarr/numcodecs errors do not say which slide
-            raise StoreError(f"{self.store.path('tiles.zarr', case, mag_key(self.magnification))}: cannot read "
-                             f"tiles ({type(e).__name__}: {e}); rerun `radpath tile` for this case") from None
+        # A damaged chunk is a StoreError naming the slide's group.
+        return torch.from_numpy(read_tiles(self.store, self.case_ids[seg.case], self.magnification, seg.index))
 
     def empty(self, n: int, pin: bool) -> torch.Tensor:
         t = self.tile_size
@@ -605,6 +603,7 @@ class WSITrainer:
             "normalization": None if self.mean is None else {"mean": self.mean, "std": self.std,
                                                              "kind": self.embed_cfg.normalization},
             "head": {**self.head.config(), "standardized": self.standardized},
+            "embedding_transform": self.source.transform if self.mode == "head" else None,
             "class_weights": self.class_weights,
             "classes": list(CLASSES),
             "train_cases": self.train_ids,

@@ -218,8 +218,12 @@ def summary(store, report_path: Path) -> None:
             table.add_row(member.name, str(len(member.model_ids)), f"{s.values['balanced_accuracy']:.3f}",
                           f"{s.values['kappa']:.3f}", f"{s.values['f1_micro']:.3f}", "")
     if store.has_table("ensembles"):
-        for r in store.read_table("ensembles").to_dict("records"):
-            table.add_row(("[bold]* " if r["primary"] else "") + r["experiment"], f"{r['n_members']}/{r['n_candidates']}",
+        from radpath_fs.fusion.cli import primary_id
+
+        ens = store.read_table("ensembles")
+        primary = primary_id(ens)
+        for r in ens.to_dict("records"):
+            table.add_row(("[bold]* " if r["id"] == primary else "") + r["experiment"], f"{r['n_members']}/{r['n_candidates']}",
                           f"{r['balanced_accuracy']:.3f}", f"{r['kappa']:.3f}", f"{r['f1_micro']:.3f}",
                           f"{r['nested_balanced_accuracy']:.3f}" if r["fits_on_oof"] else "(no fit)")
     console.print(table)

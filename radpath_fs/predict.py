@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from radpath_fs import CLASSES
-from radpath_fs.errors import RadpathError
+from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.predictions import SPLITS, prediction_table, softmax, table_name, write_predictions
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, check_name, mag_key
@@ -50,16 +50,27 @@ def default_splits(cases: pd.DataFrame, fold: int, modality: str = "wsi") -> lis
 
 
 def split_cases(cases: pd.DataFrame, split: str, fold: int, train_cases: Sequence[str] | None = None,
-                modality: str | None = None) -> pd.DataFrame:
+                modality: str | None = None, model_id: str = "this model") -> pd.DataFrame:
     """The rows of the cases table that make up `split` for a model trained without `fold`
-    (only the cases that have the `modality`'s input, when given)."""
+    (only the cases that have the `modality`'s input, when given).
+
+    Out-of-fold rows never include a case the model was trained on (`train_cases`, as its
+    config records them), even where the cases table's folds changed since it was trained.
+    """
     if modality is not None:
         cases = cases[cases[_HAS[modality]].astype(bool)]
     labelled = cases["label"].notna()
     if split == "oof":
         if fold < 0:
             raise RadpathError("split oof: this model was trained on every fold (fold -1); it has no held-out cases")
-        return cases[labelled & (cases["fold"] == fold)]
+        held = cases[labelled & (cases["fold"] == fold)]
+        seen = held["case_id"].isin(set(train_cases or ()))
+        if seen.any():
+            ids = held.loc[seen, "case_id"].astype(str).tolist()
+            warn(f"{model_id}: {len(ids)} case(s) of fold {fold} were among its training cases (the folds "
+                 f"changed since it was trained); they get no out-of-fold row: {', '.join(ids[:5])}"
+                 f"{' ...' if len(ids) > 5 else ''}. Retrain to use the new folds")
+        return held[~seen]
     if split in ("val", "test"):
         return cases[~labelled & (cases["split"] == split)]
     if split == "train":
@@ -148,7 +159,7 @@ def predict_wsi(store_url: Store | str, cfg, model_id: str, splits: list[str] | 
     cases = store.cases()
     written = []
     for split in splits or default_splits(cases, int(config["fold"]), "wsi"):
-        part = split_cases(cases, split, int(config["fold"]), config.get("train_cases"), modality="wsi")
+        part = split_cases(cases, split, int(config["fold"]), config.get("train_cases"), modality="wsi", model_id=model_id)
         written.append(_predict_split(store, cfg, model_id, model, config, split, part, dev))
     return written
 
@@ -159,11 +170,18 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
 
     mag = float(config["magnification"])
     if config["mode"] == "head":
-        from radpath_fs.embed import embedding_is_complete
+        from radpath_fs.embed import EMBEDDINGS, embedding_is_complete
 
         eid = config["embedder"]["id"]
         ok = [c for c in case_ids if embedding_is_complete(store, eid, c, mag)]
         source = EmbeddingBags(store, eid, ok, mag)
+        trained_on = config.get("embedding_transform")  # absent in models made before it was recorded
+        if ok and trained_on is not None and source.transform != trained_on:
+            raise StoreError(
+                f"{store.path(EMBEDDINGS, eid)}: embedded with other normalisation statistics than model "
+                f"{config['run_id']} (snapshot {config['snapshot']}) was trained on (`radpath embed` recomputes "
+                "them when the training cases change); retrain it with `radpath train-wsi`"
+            )
     else:
         from radpath_fs.tilestore import TILES
 

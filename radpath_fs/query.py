@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -21,8 +22,10 @@ from radpath_fs.predictions import SCHEMA
 from radpath_fs.store import Store
 
 FORMATS = ("table", "csv", "json", "parquet")
-# Statement types that only read. DESCRIBE, SHOW, SUMMARIZE, VALUES and FROM-first are SELECTs.
-READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+# Statement types that only read. DESCRIBE, SHOW, SUMMARIZE, VALUES and FROM-first are SELECTs;
+# EXPLAIN is allowed over a SELECT only, since EXPLAIN ANALYZE runs what it explains.
+READ_ONLY_STATEMENTS = ("SELECT",)
+_EXPLAIN = re.compile(r"\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE)
 _DUCKDB_TYPES = {"string": "VARCHAR", "double": "DOUBLE", "float": "FLOAT", "int32": "INTEGER"}
 
 
@@ -91,10 +94,20 @@ def _check_read_only(con, sql: str):
         raise RadpathError(f"SQL error: {e}") from None
     if len(statements) != 1:
         raise RadpathError(f"expected one SQL statement, got {len(statements)}")
-    kind = statements[0].type.name
+    kind = _statement_kind(con, statements[0])
     if kind not in READ_ONLY_STATEMENTS:
         raise RadpathError(f"radpath query is read-only: {kind} statements are not allowed (only queries)")
     return statements[0]
+
+
+def _statement_kind(con, statement) -> str:
+    """A statement's type; for EXPLAIN [ANALYZE], the type of the statement it explains."""
+    kind = statement.type.name
+    if kind != "EXPLAIN":
+        return kind
+    m = _EXPLAIN.match(statement.query)
+    inner = con.extract_statements(statement.query[m.end():]) if m else []
+    return inner[0].type.name if len(inner) == 1 else "EXPLAIN"
 
 
 def query(store_url, sql: str):

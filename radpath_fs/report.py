@@ -28,10 +28,13 @@ METRIC_COLUMNS = (("balanced_accuracy", "balanced acc."), ("kappa", "kappa"), ("
 def tile_contributions(head, embeddings) -> np.ndarray:
     """Each tile's contribution to each class logit through the pooled head, (n_tiles, n_classes).
 
-    The pooled vector is z = [max over tiles || mean over tiles]. Each term g_f * z_f of the
-    head's first-order expansion (g = d logit / d z; exact for the paper's linear head, where the
+    The pooled vector is z = [max over tiles || mean over tiles]; the head standardises it as
+    (z - mu) / s. Each term g_f * (z_f - mu_f) of the head's first-order expansion about z = mu
+    (g = d logit / d z, which carries the 1 / s; exact for the paper's linear head, where the
     contributions sum to logit - bias) is handed to the tiles that produced z_f: for the max half,
-    the tile that won feature f's max; for the mean half, every tile in proportion to its value.
+    the tile that won feature f's max; for the mean half, every tile in proportion to its value
+    minus mu_f. Expanding about mu rather than 0 keeps the g * mu offset, which no tile produced,
+    out of the tiles' shares.
     """
     import torch
 
@@ -40,9 +43,10 @@ def tile_contributions(head, embeddings) -> np.ndarray:
     head = head.eval().float()
     z = head.pool(emb[None])[0].detach()
     g = torch.autograd.functional.jacobian(lambda v: head.classify(v[None])[0], z)  # (C, 2L)
+    mu = head.feature_mean.detach()  # (L,), the same for both halves (PooledHead.classify)
     contrib = torch.zeros(n, g.shape[0])
-    contrib.index_add_(0, emb.argmax(0), (g[:, :width] * z[:width]).T)
-    contrib += emb @ g[:, width:].T / n
+    contrib.index_add_(0, emb.argmax(0), (g[:, :width] * (z[:width] - mu)).T)
+    contrib += (emb - mu) @ g[:, width:].T / n
     return contrib.detach().numpy()
 
 
@@ -156,10 +160,13 @@ def models_section(data) -> str:
 
 
 def ensembles_section(ens: pd.DataFrame) -> str:
+    from radpath_fs.fusion.cli import primary_id
+
+    primary = primary_id(ens)
     rows = []
     for r in ens.to_dict("records"):
         rows.append({
-            "experiment": ("★ " if r["primary"] else "") + r["experiment"],
+            "experiment": ("★ " if r["id"] == primary else "") + r["experiment"],
             "method": r["method"],
             "members": f"{r['n_members']}/{r['n_candidates']}",
             **{name: _ci(r[k], r[f"{k}_low"], r[f"{k}_high"]) for k, name in METRIC_COLUMNS},
@@ -301,7 +308,9 @@ def write_report(store_url: str, out: Path | None = None, config=None) -> Path:
         if store.has_table("ensembles"):
             ens = store.read_table("ensembles")
             sections.append(ensembles_section(ens))
-            primary = ens[ens["primary"]].sort_values("created").tail(1).to_dict("records")
+            from radpath_fs.fusion.cli import primary_id
+
+            primary = ens[ens["id"] == primary_id(ens)].to_dict("records")
             if primary and store.has_table("ensemble_predictions"):
                 sections.append(figures_section(store.read_table("ensemble_predictions"), primary[0]))
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import io
 import json
 import os
@@ -282,6 +283,11 @@ class Store:
             raise StoreLockedError(f"{self.url}: could not take the writer lock ({lock})")
         if stale:
             self.remove_temporaries()
+        elif self.is_local:  # a writer killed while making its lock leaves its lock temporary behind
+            for p in glob.glob(os.path.join(glob.escape(self.root), f"{TMP_PREFIX}lock-*")):
+                if not p.endswith(holder["token"]):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
         try:
             yield
         finally:
@@ -307,6 +313,11 @@ class Store:
             raise self._locked_error(current)
 
     def _locked_error(self, holder: dict) -> StoreLockedError:
+        if "pid" not in holder:
+            return StoreLockedError(
+                f"{self.url} is locked: {self.path(LOCK_NAME)} is unreadable, a writer's lock being made "
+                f"right now (or cut short by a crash: it counts as stale after {UNREADABLE_LOCK_GRACE_S:.0f} s)"
+            )
         return StoreLockedError(
             f"{self.url} is locked by another writer: pid {holder.get('pid')} on host "
             f"{holder.get('host')} since {holder.get('since')} ({holder.get('command')}). "
@@ -316,6 +327,21 @@ class Store:
     def _try_create_lock(self, lock: str, holder: dict) -> bool:
         data = json.dumps(holder).encode()
         if self.is_local:
+            # Written whole, then linked in: the lock never exists without its holder, so a second
+            # writer starting at the same moment cannot read it empty and take it for stale.
+            tmp = f"{os.path.dirname(lock)}/{TMP_PREFIX}lock-{holder['token']}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, lock)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links: an exclusive create, then the content
+                pass
+            finally:
+                with contextlib.suppress(FileNotFoundError):  # the holder may have swept it as debris
+                    os.unlink(tmp)
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -336,8 +362,14 @@ class Store:
             return json.loads(self.fs.cat_file(lock))
         except FileNotFoundError:
             return None
-        except ValueError:  # a lock file cut short when its writer died
-            return {}
+        except ValueError:
+            # Cut short when its writer died, or (where a lock is created, then filled) being
+            # written right now: stale only once it has stayed unreadable for a while.
+            try:
+                age = dt.datetime.now(dt.timezone.utc).timestamp() - self.fs.modified(lock).timestamp()
+            except (OSError, NotImplementedError, ValueError):
+                age = float("inf")
+            return {"unreadable_for_s": age}
 
 
 # zarr's LocalStore writes a chunk or zarr.json to `<name>.<uuid4 hex>.partial`, then renames it.
@@ -348,10 +380,14 @@ def _is_temporary(name: str) -> bool:
     return name.startswith(TMP_PREFIX) or bool(_ZARR_PARTIAL.search(name))
 
 
+# How long an unreadable lock file may be a writer's lock still being written.
+UNREADABLE_LOCK_GRACE_S = 10.0
+
+
 def _is_stale(holder: dict) -> bool:
-    """A lock is stale when its process is gone on this host (or the lock file is unreadable)."""
-    if not holder or "pid" not in holder:
-        return True
+    """A lock is stale when its process is gone on this host, or its file stayed unreadable."""
+    if "pid" not in holder:
+        return holder.get("unreadable_for_s", float("inf")) > UNREADABLE_LOCK_GRACE_S
     if holder.get("host") != socket.gethostname():
         return False
     import psutil

@@ -14,6 +14,7 @@ Writer: `TileGroupWriter` (streaming: tiles are appended shard by shard as a sli
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
@@ -153,6 +154,7 @@ class TileReader:
 
     def __init__(self, store: Store | str, case_id: str, magnification: float):
         self.case_id, self.magnification = case_id, float(magnification)
+        self.where = _as_store(store).path(TILES, tile_group_path(case_id, magnification))
         self.pixels = _open_complete(store, case_id, magnification)["pixels"]
         self.n = int(self.pixels.shape[0])
         self.tile_shape = tuple(int(d) for d in self.pixels.shape[1:])
@@ -168,7 +170,13 @@ class TileReader:
         a, b = region if region is not None else (0, self.tile_shape[0])
         # Each tile is read and decoded once, in shard order (zarr wants sorted unique indices too).
         uniq, inverse = np.unique(idx, return_inverse=True)
-        out = self._read_sorted(uniq, a, b)
+        try:
+            out = self._read_sorted(uniq, a, b)
+        except StoreError:
+            raise
+        except Exception as e:  # a damaged chunk: the codecs' errors do not say which slide
+            raise StoreError(f"{self.where}: cannot read tiles ({type(e).__name__}: {e}); "
+                             "rerun `radpath tile` for this case") from None
         return out if np.array_equal(uniq, idx) else out[inverse]
 
     def _read_sorted(self, uniq: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -401,6 +409,7 @@ class TileGroupWriter:
         self._written = 0  # tiles of the shards already handed to the store
         self._coords: list[np.ndarray] = []
         self._fractions: list[np.ndarray] = []
+        self._shard_crcs: dict[int, int] = {}  # CRC32C of each stored shard file, for the fingerprint
         self.closed = False
 
     @property
@@ -487,10 +496,12 @@ class TileGroupWriter:
 
     def _store_shard(self, shard: int, chunks: list[bytes]) -> None:
         """Store encoded tiles as shard number `shard` of the pixels array."""
+        import google_crc32c
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
         data = _shard_bytes(chunks, self.shard)
+        self._shard_crcs[shard] = google_crc32c.value(data)
         key = self.pixels.metadata.encode_chunk_key((shard, 0, 0, 0))
         sync((self.pixels.store_path / key).set(default_buffer_prototype().buffer.from_bytes(data)))
 
@@ -513,6 +524,10 @@ class TileGroupWriter:
         chunk = max(1, min(max(n, 1), 65536))
         self.group.create_array("coords", data=coords, chunks=(chunk, 2), overwrite=True)
         self.group.create_array("tissue_fraction", data=fractions, chunks=(chunk,), overwrite=True)
+        # What was written, so that what was made from it (embeddings, statistics) can tell a
+        # re-tiled group from the one it was made from: a hash of every shard file's CRC32C.
+        crcs = [self._shard_crcs[i] for i in range(len(self._shard_crcs))]
+        fingerprint = hashlib.sha256(np.array([n, *crcs], dtype="<u8").tobytes()).hexdigest()[:16]
         meta = {
             "magnification": self.magnification,
             "tile_size": self.tile_size,
@@ -520,6 +535,7 @@ class TileGroupWriter:
             **({"jpeg_quality": self.cfg.jpeg_quality} if self.cfg.codec == "jpeg" else {}),
             **attrs,
             "n_tiles": int(n),
+            "fingerprint": fingerprint,
         }
         meta.pop(COMPLETE, None)
         self.group.attrs.update(meta)

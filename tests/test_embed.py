@@ -104,6 +104,11 @@ def test_unknown_model_name_is_a_config_error():
         E.create_embedder("efficientnet_b99")
 
 
+def test_a_compiled_model_is_not_shared_between_threads(tmp_path):
+    with pytest.raises(ConfigError, match="embed.compile"):
+        E.embed_store(str(tmp_path), EmbedConfig(**SMALL, compile=True), scheduler="threads")
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_weights_file_loads_and_classifier_keys_are_ignored(tmp_path, suffix):
     import timm
@@ -217,8 +222,11 @@ def _numpy_stats(store, cases, mags):
     return px.mean(axis=0), px.std(axis=0)
 
 
-def test_tile_normalization_equals_numpy_on_training_tiles(tmp_path):
+def test_tile_normalization_equals_numpy_on_training_tiles(tmp_path, monkeypatch):
     store = make_store(tmp_path / "s")
+    # Blocks and reads that do not divide the groups (6 and 5 tiles at 20x): partial ones are counted once.
+    monkeypatch.setattr(E, "MOMENT_BLOCK", 4)
+    monkeypatch.setattr(E, "MOMENT_READ", 3)
     mean, std = E.tile_normalization(store, [20, 5])
     ref_mean, ref_std = _numpy_stats(store, ["c0", "c1"], ["20", "5"])  # c_val is not a training case
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
@@ -231,11 +239,25 @@ def test_tile_normalization_equals_numpy_on_training_tiles(tmp_path):
     write_tile_group(store, "c1", 20, np.full((2, T, T, 3), 7, np.uint8), np.zeros((2, 2)), np.ones(2),
                      {}, TileConfig(tile_size=T, tiles_per_shard=4))
     np.testing.assert_allclose(E.tile_normalization(store, [20])[0], _numpy_stats(store, ["c0", "c1"], ["20"])[0])
+    # so does one re-tiled with other pixels but as many tiles
+    write_tile_group(store, "c1", 20, np.full((2, T, T, 3), 99, np.uint8), np.zeros((2, 2)), np.ones(2),
+                     {}, TileConfig(tile_size=T, tiles_per_shard=4))
+    np.testing.assert_allclose(E.tile_normalization(store, [20])[0], _numpy_stats(store, ["c0", "c1"], ["20"])[0])
     with pytest.raises(StoreError, match="no complete tile groups of training cases"):
         E.tile_normalization(store, [40])
 
 
 # ---- the embedding store -----------------------------------------------------------------------
+def _recompute(store, eid, case, mag, rows) -> np.ndarray:
+    """Embeddings of stored tiles `rows`, recomputed from the stored pixels with the recorded model
+    and transform, in eval mode (float32)."""
+    attrs = E.embedding_attrs(store, eid, case, mag)
+    model = E.create_embedder(attrs["model"], attrs["weights"], attrs["pretrained"], seed=attrs["seed"]).eval()
+    tiles = torch.from_numpy(store.open_group("tiles.zarr", f"{case}/{mag}")["pixels"].oindex[list(rows)])
+    with torch.inference_mode():
+        return model(transform_from_record(attrs["transform"])(tiles)).numpy()
+
+
 def test_stored_embeddings_recompute_from_the_recorded_transform(embedded):
     store, cfg, summary, _ = embedded
     eid = E.embedder_id(cfg)
@@ -245,14 +267,10 @@ def test_stored_embeddings_recompute_from_the_recorded_transform(embedded):
         attrs = E.embedding_attrs(store, eid, case, mag)
         assert stored.dtype == np.float16 and stored.shape == (attrs["tiles"], 512)
         assert attrs["complete"] is True and attrs["precision"] == "fp32"
-        model = E.create_embedder(attrs["model"], attrs["weights"], attrs["pretrained"], seed=attrs["seed"]).eval()
-        transform = transform_from_record(attrs["transform"])
         assert attrs["transform"]["mean"] == list(E.tile_normalization(store, [mag])[0])
         pick = [0, attrs["tiles"] - 1]
-        tiles = torch.from_numpy(store.open_group("tiles.zarr", f"{case}/{mag}")["pixels"].oindex[pick])
-        with torch.inference_mode():
-            ref = model(transform(tiles)).numpy()
-        np.testing.assert_allclose(stored[pick].astype(np.float32), ref, rtol=2**-10, atol=1e-4)
+        np.testing.assert_allclose(stored[pick].astype(np.float32), _recompute(store, eid, case, mag, pick),
+                                   rtol=2**-10, atol=1e-4)
         # a whole bag is one chunk
         arr = zarr.open_array(store=store.zarr_store("embeddings.zarr"), path=f"{eid}/{case}/{mag}", mode="r")
         assert arr.chunks[0] >= arr.shape[0]
@@ -345,6 +363,43 @@ def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):
     whole = store.open_group("tiles.zarr", "c0/20")["pixels"][:]
     np.testing.assert_array_equal(out[2][1][2].numpy(), whole[4:6, 8:56, 8:56])
     assert out[0][2][2].shape == (4, 48, 48, 3)
+
+
+def test_embeddings_are_redone_for_re_tiled_groups(tmp_path, capsys):
+    """Embeddings are rows of their tile group: a re-tiled group (other pixels, as many or fewer
+    tiles) gets new embeddings, the others are kept."""
+    store = make_store(tmp_path / "s")
+    cfg = EmbedConfig(**{**SMALL, "normalization": "imagenet"})
+    eid = E.embedder_id(cfg)
+    E.embed_store(store.url, cfg, device="cpu")
+    tcfg = TileConfig(tile_size=T, tiles_per_shard=4)
+    for n, value in ((4, 30), (4, 220), (2, 220)):  # another count; same count, other pixels; again
+        write_tile_group(store, "c_val", 20, np.full((n, T, T, 3), value, np.uint8), np.zeros((n, 2)), np.ones(n), {}, tcfg)
+        summary = E.embed_store(store.url, cfg, device="cpu")
+        assert summary["written"] == 1 and summary["skipped"] == 5, summary
+        assert "re-tiled since" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+        emb = E.read_embeddings(store, eid, "c_val", 20, dtype=np.float32)
+        assert emb.shape[0] == n
+        np.testing.assert_allclose(emb, _recompute(store, eid, "c_val", 20, range(n)), rtol=2**-10, atol=1e-4)
+    # Re-tiling with the same pixels gives the same fingerprint: nothing to redo.
+    write_tile_group(store, "c_val", 20, np.full((2, T, T, 3), 220, np.uint8), np.zeros((2, 2)), np.ones(2), {}, tcfg)
+    assert E.embed_store(store.url, cfg, device="cpu")["written"] == 0
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_a_damaged_tile_is_an_error_naming_its_group(tmp_path, processes):
+    """In this process or in a DataLoader worker: one StoreError naming the group, no traceback."""
+    from pathlib import Path
+
+    store = make_store(tmp_path / "s")
+    shard = sorted(p for p in Path(store.local_path("tiles.zarr", "c0", "20", "pixels", "c")).rglob("*") if p.is_file())[0]
+    data = bytearray(shard.read_bytes())
+    data[16:600] = bytes(584)  # zeroes over the first tile's compressed bytes
+    shard.write_bytes(bytes(data))
+    cfg = EmbedConfig(**{**SMALL, "normalization": "imagenet"})
+    with pytest.raises(StoreError, match=r"tiles\.zarr/c0/20: cannot read tiles") as err:
+        E.embed_store(store.url, cfg, device="cpu", read_processes=processes)
+    assert "Traceback" not in str(err.value) and "rerun `radpath tile`" in str(err.value)
 
 
 def test_loaders_fit_their_batches_in_shared_memory(tmp_path, monkeypatch, capsys):

@@ -511,6 +511,32 @@ def test_fuse_is_deterministic(tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_a_later_fuse_run_takes_primary_from_the_older_ones(tmp_path, capsys):
+    """prune=2 then prune=3 write two `pruned` rows (different ids): only the latest stays primary,
+    and the report, the run summary and `bundle` all take that one."""
+    from radpath_fs.bundle import choose_ensemble
+    from radpath_fs.fusion.cli import primary_id
+    from radpath_fs.pipeline import summary
+    from radpath_fs.report import ensembles_section
+
+    store = make_prediction_store(tmp_path / "s", n_cases=40, n_val=0, seed=4)
+    fuse_store(store.url, FusionConfig(prune=2, **FAST))
+    fuse_store(store.url, FusionConfig(prune=3, **FAST))
+    ens = store.read_table("ensembles")
+    pruned = ens[ens["experiment"] == "pruned"]
+    assert len(pruned) == 2 and ens["primary"].sum() == 1
+    latest = pruned.sort_values("created")["id"].iloc[-1]
+    assert ens.loc[ens["primary"], "id"].item() == latest == primary_id(ens) == choose_ensemble(store, None)["id"]
+    assert ens.loc[ens["primary"], "n_members"].item() == 7  # 10 candidates, prune=3
+    assert ensembles_section(ens).count("★") == 1
+    capsys.readouterr()
+    summary(store, tmp_path / "report" / "index.html")
+    assert capsys.readouterr().err.count("* pruned") == 1
+    # A table written before older flags were cleared: the readers still star only the latest.
+    assert primary_id(ens.assign(primary=True)) == latest
+    assert ensembles_section(ens.assign(primary=True)).count("★") == 1
+
+
 def test_fuse_config_errors(tmp_path):
     store = make_prediction_store(tmp_path / "s", n_cases=40, n_val=0, seed=3)
     with pytest.raises(ConfigError, match="prune=10 would drop all 10"):

@@ -50,7 +50,10 @@ def write_embeddings(store: Store, eid: str, case: str, mag: float, x: np.ndarra
                             shape=x.shape, dtype="float16", chunks=(max(1, len(x)), x.shape[1]), overwrite=True)
     if len(x):
         arr[...] = x.astype(np.float16)
-    arr.attrs["complete"] = True
+    arr.attrs.update({"transform": PLANTED_TRANSFORM, "complete": True})
+
+
+PLANTED_TRANSFORM = {"kind": "planted", "mean": [0.5, 0.5, 0.5]}  # stands for `embed`'s transform record
 
 
 def planted_store(path, n: int = 60, unlabelled: int = 4, seed: int = 0):
@@ -273,6 +276,25 @@ def test_predict_writes_contract_rows_with_votes(planted):
         predict_models(store, cfg, ["wsi-mag20-fold0-e7"], None, device="cpu")
     with pytest.raises(RadpathError, match="--split"):
         predict_models(store, cfg, ["wsi-mag20-fold0-e19"], ["holdout"], device="cpu")
+
+
+def test_a_head_predicts_only_on_embeddings_made_as_for_its_training(planted, tmp_path):
+    """`radpath embed` recomputes a store's embeddings when the training cases (so the dataset
+    statistics) change; a head trained on the old ones must not silently predict on the new."""
+    import shutil
+
+    store, cfg = planted
+    assert store.read_json("models/wsi-mag20-fold0-e29/config.json")["embedding_transform"] == PLANTED_TRANSFORM
+    copy = Store(shutil.copytree(store.root, tmp_path / "copy"))
+    group = zarr.open_group(copy.zarr_store("embeddings.zarr"), path=embedder_id(cfg.embed), mode="r+")
+    cases = list(copy.cases()["case_id"])
+    group[f"{cases[0]}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
+    with pytest.raises(StoreError, match="2 different transforms; rerun `radpath embed`"):
+        predict_models(copy, cfg, ["wsi-mag20-fold0-e29"], ["oof"], device="cpu")
+    for case in cases:
+        group[f"{case}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
+    with pytest.raises(StoreError, match="other normalisation statistics than model wsi-mag20-fold0"):
+        predict_models(copy, cfg, ["wsi-mag20-fold0-e29"], ["oof"], device="cpu")
 
 
 def test_train_wsi_checks_its_inputs(planted, tmp_path):
@@ -518,6 +540,19 @@ def test_a_damaged_tile_chunk_is_an_error_naming_the_slide(tmp_path):
         train_wsi(store, cfg.model_copy(update={"wsi": cfg.wsi.model_copy(update={"epochs": 2}),
                                                 "embed": cfg.embed.model_copy(update={"normalization": "imagenet"})}),
                   20, 0, device="cpu")
+
+
+def test_out_of_fold_rows_never_hold_training_cases(capsys):
+    """After a re-ingest moved cases between folds, a model's OOF split leaves out what it trained on."""
+    from radpath_fs.predict import split_cases
+
+    cases = pd.DataFrame({"case_id": ["a", "b", "c", "d", "e"], "label": ["A", "O", "G", "A", None],
+                          "fold": [0, 0, 1, 1, -1], "split": ["train"] * 4 + ["val"], "has_slide": [True] * 5})
+    assert split_cases(cases, "oof", 0, ["c", "d"], modality="wsi")["case_id"].tolist() == ["a", "b"]
+    assert capsys.readouterr().err == ""
+    moved = cases.assign(fold=[0, 1, 0, 1, -1])  # b and c swapped folds since training without fold 0
+    assert split_cases(moved, "oof", 0, ["c", "d"], modality="wsi", model_id="wsi-20x-f0-e9")["case_id"].tolist() == ["a"]
+    assert "wsi-20x-f0-e9: 1 case(s) of fold 0 were among its training cases" in " ".join(capsys.readouterr().err.split())
 
 
 def test_hard_vote_breaks_ties_by_mean_probability():

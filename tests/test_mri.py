@@ -212,6 +212,24 @@ def test_crop_covers_the_union_of_modalities(tmp_path):
     assert record["crop_start"] == [5, 6, 4] and record["crop_end"] == [30, 40, 30]
 
 
+@pytest.mark.parametrize("axcodes", [("L", "P", "S"), ("A", "S", "L")])  # LPS; a sagittal acquisition
+def test_every_orientation_is_cached_as_ras(tmp_path, axcodes):
+    """The same head stored with its voxel axes flipped or permuted (the affine saying so) is
+    cached as the same array: the network sees one orientation whatever the scanner wrote."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    vols = synth_case("G", np.random.default_rng(4))
+    ornt = ornt_transform(axcodes2ornt(nib.aff2axcodes(AFFINE)), axcodes2ornt(axcodes))
+    other_affine = AFFINE @ inv_ornt_aff(ornt, SHAPE)
+    assert nib.aff2axcodes(other_affine) == axcodes
+    other = {m: np.ascontiguousarray(apply_orientation(v, ornt)) for m, v in vols.items()}
+    rows = [case_row("RAS", "G", 0, save_case(tmp_path, "RAS", vols)),
+            case_row("OTHER", "G", 0, save_case(tmp_path, "OTHER", other, affine=other_affine))]
+    store = new_store(tmp_path / "store", rows)
+    preprocess_cases(store, MRITrainConfig(spatial_size=(16, 16, 16)), store.cases())
+    np.testing.assert_array_equal(read_cached(store, "OTHER"), read_cached(store, "RAS"))
+
+
 # ---- bad inputs ----------------------------------------------------------------------------------
 def _truncate(path: str) -> None:
     data = Path(path).read_bytes()
@@ -454,6 +472,41 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
     # A model trained on every fold has no out-of-fold rows; default splits = the unlabelled ones.
     (path,) = predict_mri(crashed, cfg, "mri-all-e2", None, "cpu")
     assert Path(path).name == "mri-all-e2--val.parquet"
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_resumed_optimizer_state_keeps_the_channels_last_layout(tmp_path, impl):
+    """Runtime uses channels_last_3d on CUDA only, so the layout is set by hand: after a state
+    round trip Adam's tensors have their parameter's strides and the next step is the same."""
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Conv3d(2, 3, 3).to(memory_format=torch.channels_last_3d)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2, **{impl: True})
+
+    x = torch.randn(2, 2, 5, 5, 5, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    store = Store(tmp_path / "store", create=True)
+    whole, whole_opt = model_and_optimizer()
+    step(whole, whole_opt)
+    mri_train.save_state(store, "run", whole, whole_opt, {})
+    step(whole, whole_opt)
+
+    resumed, resumed_opt = model_and_optimizer()
+    model_sd, optim_sd, _ = mri_train.load_state(store, "run")
+    resumed.load_state_dict(model_sd)
+    mri_train.restore_optimizer(resumed_opt, optim_sd)
+    for p in resumed.parameters():
+        for name, v in resumed_opt.state[p].items():
+            assert v.shape != p.shape or v.stride() == p.stride(), (name, v.stride(), p.stride())
+    step(resumed, resumed_opt)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
 
 
 def test_gpu_benchmark_runs_on_cpu_with_tiny_sizes(tmp_path):

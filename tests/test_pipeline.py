@@ -124,7 +124,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(run, tmp_path
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
-def test_tile_contributions_sum_to_the_logit_through_a_linear_head():
+def test_tile_contributions_sum_to_the_logit_through_a_standardising_linear_head():
     import numpy as np
     import torch
 
@@ -133,20 +133,23 @@ def test_tile_contributions_sum_to_the_logit_through_a_linear_head():
 
     torch.manual_seed(0)
     head = PooledHead(16, 3, hidden=[], dropout=0.5).eval()
-    head.set_standardization(torch.rand(16), torch.rand(16) + 0.5)
-    emb = torch.randn(40, 16)
+    # A feature mean far from 0 (as head mode's `wsi.head.standardize` sets from the training bags):
+    # sharing out g * z instead of g * (z - mu) would put the g * mu offset on the tiles.
+    mu = torch.rand(16) + 2.0
+    head.set_standardization(mu, torch.rand(16) + 0.5)
+    emb = torch.randn(40, 16) + mu
     contrib = tile_contributions(head, emb.numpy())
     assert contrib.shape == (40, 3)
     with torch.no_grad():
         logits = head(emb)[0]
-        at_zero = head.classify(torch.zeros(1, 32))[0]  # the logit the pooled vector adds to
-    np.testing.assert_allclose(contrib.sum(0), (logits - at_zero).numpy(), rtol=1e-4, atol=1e-5)
+    bias = head.classifier[-1].bias.detach()
+    np.testing.assert_allclose(contrib.sum(0), (logits - bias).numpy(), rtol=1e-4, atol=1e-4)
     # The max half goes only to tiles that won a feature's max: a tile below every other on every
     # feature gets its mean-half share and nothing else.
     emb2 = torch.cat([emb, (emb.min(0).values - 1)[None]])
     c2 = tile_contributions(head, emb2.numpy())
     g = torch.autograd.functional.jacobian(lambda v: head.classify(v[None])[0], head.pool(emb2[None])[0])
-    np.testing.assert_allclose(c2[-1], (emb2[-1] @ g[:, 16:].T / len(emb2)).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(c2[-1], ((emb2[-1] - mu) @ g[:, 16:].T / len(emb2)).numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_a_run_prints_each_warning_once(capsys):

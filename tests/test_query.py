@@ -97,11 +97,16 @@ def test_connection_is_read_only(store):
         (f"ATTACH '{store.path('x.duckdb')}' AS x", "ATTACH"),
         ("SET threads = 1", "SET"),
         ("EXPORT DATABASE '/tmp/radpath-export'", "EXPORT"),
+        # EXPLAIN ANALYZE runs the statement it explains: only a query may follow EXPLAIN.
+        (f"EXPLAIN ANALYZE COPY (SELECT 1 AS a) TO '{target}' (FORMAT parquet)", "COPY"),
+        (f"explain copy (SELECT 1 AS a) TO '{target}'", "COPY"),
     ]:
         with pytest.raises(RadpathError, match=f"read-only: {kind} statements are not allowed"):
             query(store.url, sql)
     with pytest.raises(RadpathError, match="expected one SQL statement, got 2"):
         query(store.url, "SELECT 1; SELECT 2")
+    for sql in ("EXPLAIN SELECT * FROM cases", "EXPLAIN ANALYZE SELECT count(*) FROM cases"):
+        assert query(store.url, sql).num_rows >= 1
     assert _fingerprint(store) == before
 
 

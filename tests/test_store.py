@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import socket
@@ -96,12 +97,44 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_unreadable_lock_file_is_treated_as_stale(tmp_path):
+def test_unreadable_lock_file_is_stale_only_once_it_stays_unreadable(tmp_path):
     s = Store(tmp_path, create=True)
-    (tmp_path / LOCK_NAME).write_text('{"pid": 12')  # cut short by a crash
+    lock = tmp_path / LOCK_NAME
+    lock.write_text('{"pid": 12')  # being written by a writer starting now, or cut short by a crash
+    with pytest.raises(StoreLockedError, match="unreadable"):
+        with s.lock("x"):
+            pass
+    old = time.time() - 60
+    os.utime(lock, (old, old))  # still unreadable a minute later: a crash
+    (tmp_path / ".tmp-lock-0123abcd").write_text("{}")  # debris of a writer killed while locking
     with s.lock("x"):
-        pass
-    assert not (tmp_path / LOCK_NAME).exists()
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    assert not lock.exists()
+
+
+def test_a_lock_is_never_seen_without_its_holder(tmp_path):
+    """Made whole and linked in: a reader racing a writer that is taking the lock reads its holder."""
+    import threading
+
+    s = Store(tmp_path, create=True)
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                seen.append((tmp_path / LOCK_NAME).read_bytes())
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for _ in range(200):
+            with s.lock("x"):
+                pass
+    finally:
+        stop.set()
+        t.join()
+    assert seen and all(json.loads(b)["pid"] == os.getpid() for b in seen)
 
 
 def test_lock_from_another_host_is_respected(tmp_path):

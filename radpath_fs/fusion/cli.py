@@ -1,7 +1,8 @@
 """`radpath fuse`: read the prediction tables, run the fusion experiments, write and print them.
 
 Writes `tables/ensembles.parquet` (one row per experiment; rows of the same experiment id are
-replaced, others kept) and `tables/ensemble_predictions.parquet` (fused per-case probabilities).
+replaced, others kept, and only the latest run's primary row stays primary) and
+`tables/ensemble_predictions.parquet` (fused per-case probabilities).
 No torch, and scikit-learn / XGBoost / matplotlib only when a method or --plots needs them.
 """
 
@@ -71,17 +72,33 @@ ENSEMBLE_PREDICTIONS_SCHEMA = pa.schema(
 )
 
 
-def _merge_write(store, name: str, new: pa.Table, key: str) -> None:
-    """Replace the rows of `new`'s keys in `tables/<name>.parquet`, keeping every other row."""
+def _merge_write(store, name: str, new: pa.Table, key: str, latest_only: str | None = None) -> None:
+    """Replace the rows of `new`'s keys in `tables/<name>.parquet`, keeping every other row.
+
+    `latest_only` names a bool column that is cleared on the kept rows when `new` sets it on any:
+    a run's `primary` supersedes older runs' (whose experiment ids differ when settings do).
+    """
     if store.has_table(name):
         with store.fs.open(store.path(store.table_rel(name)), "rb") as f:
             old = pq.read_table(f)
         if old.schema.equals(new.schema):
             keep = pc.invert(pc.is_in(old.column(key), value_set=new.column(key).unique()))
-            new = pa.concat_tables([old.filter(keep), new])
+            old = old.filter(keep)
+            if latest_only is not None and pc.any(new.column(latest_only)).as_py():
+                column = old.schema.get_field_index(latest_only)
+                old = old.set_column(column, old.schema.field(column),
+                                     pa.array([False] * len(old), type=pa.bool_()))
+            new = pa.concat_tables([old, new])
         else:
             warn(f"{store.path(store.table_rel(name))} has another schema (an older radpath_fs?); replaced")
     store.write_table(name, new)
+
+
+def primary_id(ensembles: pd.DataFrame) -> str | None:
+    """The primary ensemble's id: the latest primary row, as `bundle.choose_ensemble` picks it
+    (a table written before `fuse` cleared older runs' flags may hold several)."""
+    rows = ensembles[ensembles["primary"]].sort_values("created", ascending=False, kind="stable")
+    return None if rows.empty else str(rows["id"].iloc[0])
 
 
 def _ci(value: float, low: float, high: float) -> str:
@@ -181,7 +198,7 @@ def fuse_store(store_url, cfg, ablations: bool = False, plots: Path | None = Non
         fused = pa.Table.from_pandas(
             predictions_frame(results), schema=ENSEMBLE_PREDICTIONS_SCHEMA, preserve_index=False
         )
-        _merge_write(store, ENSEMBLES, ensembles, "id")
+        _merge_write(store, ENSEMBLES, ensembles, "id", latest_only="primary")
         _merge_write(store, ENSEMBLE_PREDICTIONS, fused, "ensemble_id")
     primary = next(r for r in results if r.experiment.primary)
     for split, missing in primary.missing.items():
@@ -203,6 +220,7 @@ __all__ = [
     "ENSEMBLE_PREDICTIONS_SCHEMA",
     "fuse_store",
     "fusion_config",
+    "primary_id",
     "print_results",
     "write_plots",
 ]

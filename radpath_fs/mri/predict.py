@@ -63,7 +63,7 @@ def predict_mri(
         if split == "oof" and fold < 0:
             warn(f"{model_id}: trained on every fold, so it has no out-of-fold cases; skipping split oof")
             continue
-        rows = split_cases(cases, split, fold, config.get("train_cases"), modality="mri")
+        rows = split_cases(cases, split, fold, config.get("train_cases"), modality="mri", model_id=model_id)
         left_out = sorted(set(rows["case_id"]) & skipped)
         if left_out:
             warn(f"{model_id} {split}: {len(left_out)} case(s) listed in {store.path('tables', MRI_ERRORS + '.parquet')} "

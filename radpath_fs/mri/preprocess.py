@@ -1,9 +1,10 @@
 """The deterministic half of the MRI recipe, run once per case and cached in `mri.zarr/<case>`.
 
 t1, t1ce, t2 and flair are read with nibabel through MONAI's LoadImaged, checked (one voxel grid,
-finite, not empty), stacked as channels, cropped to the union of their foregrounds, resized to
-`mri.spatial_size` and z-scored per modality over the non-zero voxels (background stays 0). The
-result is a float16 array (C, S, S, S) whose attrs record how it was made; `complete` is set last.
+finite, not empty), reoriented to RAS, stacked as channels, cropped to the union of their
+foregrounds (`crop_start`/`crop_end` are RAS voxel indices), resized to `mri.spatial_size` and
+z-scored per modality over the non-zero voxels (background stays 0). The result is a float16 array
+(C, S, S, S) whose attrs record how it was made; `complete` is set last.
 
 A batch is checked in full before anything is written: any bad case raises (naming the file)
 and the store is left as it was.
@@ -31,7 +32,7 @@ MRI_ERRORS = "mri_errors"
 # Voxel grids agree when their affines agree to this many millimetres (header float noise only).
 AFFINE_TOLERANCE_MM = 1e-3
 # Bump when the deterministic transforms change: cached volumes of another version are redone.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: reoriented to RAS
 
 
 def nonzero(x):
@@ -121,6 +122,7 @@ def preprocess_transforms(mcfg: MRITrainConfig):
         DeleteItemsd,
         EnsureChannelFirstd,
         NormalizeIntensityd,
+        Orientationd,
         Resized,
     )
 
@@ -129,6 +131,9 @@ def preprocess_transforms(mcfg: MRITrainConfig):
         [
             *load_transforms(mcfg),
             EnsureChannelFirstd(keys),
+            # The cohort mixes scanners' voxel orders (RAS, LPS, sagittal, ...): one for the network.
+            # Labels pinned: MONAI's default is changing to the image's `space` metadata.
+            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             ConcatItemsd(keys, name="image", dim=0),
             DeleteItemsd(keys),
             # Union over modalities: the box covers every voxel that is non-zero in any channel.
@@ -181,6 +186,7 @@ def preprocess_case(paths: dict[str, str], mcfg: MRITrainConfig, case_id: str = 
             "LoadImaged(NibabelReader)",
             "check shapes/affines/finite/non-empty",
             "EnsureChannelFirstd",
+            "Orientationd(RAS)",
             "ConcatItemsd",
             "CropForegroundd(union of non-zero voxels, margin 0)",
             f"Resized({list(mcfg.spatial_size)}, trilinear)",

@@ -150,6 +150,19 @@ def save_state(store: Store, rid: str, model, optimizer, meta: dict) -> None:
     store.write_bytes(f"models/{rid}/{STATE_FILE}", save(tensors, metadata={"radpath": json.dumps(meta)}))
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """optimizer.load_state_dict, then each state tensor shaped like its parameter takes the
+    parameter's memory layout: the state file holds them contiguous, and against channels_last_3d
+    parameters fused Adam raises on CUDA and silently computes a different step on the CPU."""
+    optimizer.load_state_dict(optim_sd)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def load_state(store: Store, rid: str) -> tuple[dict, dict, dict] | None:
     """(model state_dict, optimizer state_dict, meta) or None when there is no state."""
     rel = f"models/{rid}/{STATE_FILE}"
@@ -272,7 +285,7 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids) -> list[s
             warn(f"{store.path('models', rid, STATE_FILE)} is of a finished run whose snapshots are gone; starting over")
         else:
             model.load_state_dict(model_sd)
-            optimizer.load_state_dict(optim_sd)
+            restore_optimizer(optimizer, optim_sd)
             start, history = int(meta["epoch"]) + 1, list(meta["history"])
             info(f"{rid}: resuming after epoch {start - 1}")
 
