@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from radpath_fs.errors import RadpathError
+from radpath_fs.errors import ConfigError, RadpathError
 
 app = typer.Typer(
     name="radpath",
@@ -28,15 +28,35 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML; defaults t
 
 
 def _user_errors(fn):
+    command = fn.__name__.replace("_", "-")
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except ValueError as e:  # pydantic's ValidationError is one: a bad option value
+                user_error = _option_error(command, e)
+                if user_error is None:
+                    raise
+                raise user_error from None
         except RadpathError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _option_error(command: str, err: ValueError) -> RadpathError | None:
+    """A config built from the options failed validation: a `ConfigError` naming each key, worded
+    like those of a YAML config. None for any other ValueError (a bug: its traceback shows)."""
+    from pydantic import ValidationError
+
+    from radpath_fs.config import _format_errors
+
+    if not isinstance(err, ValidationError):
+        return None
+    return ConfigError(_format_errors(f"radpath {command} options", err))
 
 
 def _config(path: Path | None):

@@ -3,7 +3,7 @@
 Layout (DESIGN.md):
     DATA/Pathology/<ID>.tiff|.tif|.svs
     DATA/Radiology/<ID>/<ID>_{t1,t1ce,t2,flair}.nii.gz
-    labels CSV: CPM_RadPath_2019_ID,class,age_in_days
+    labels CSV: CPM_RadPath_2019_ID,class,age_in_days   (no class column, or an empty class: unlabelled)
 
 Every invalid case yields one `InputError` naming the file and the problem. Without --skip-errors
 they are all reported and nothing is written; with it, the cases are kept as excluded rows with
@@ -128,6 +128,13 @@ def _check_mri(record: CaseRecord) -> None:
                 )
 
 
+def _data_lines(path: Path) -> list[int]:
+    """The file line number of each data row: pandas skips blank (or whitespace-only) lines, so a
+    row's index alone would put a bad row one line up per blank line above it."""
+    filled = [n for n, text in enumerate(path.read_bytes().split(b"\n"), 1) if text.strip()]
+    return filled[1:]  # the first filled line is the header
+
+
 def read_labels(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(path, "labels CSV does not exist")
@@ -137,18 +144,21 @@ def read_labels(path: Path) -> pd.DataFrame:
         raise InputError(path, f"labels CSV is empty; expected the header {','.join(LABEL_COLUMNS)},age_in_days") from None
     except Exception as e:
         raise InputError(path, f"not a readable CSV ({e})") from None
-    missing = [c for c in LABEL_COLUMNS if c not in df.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {missing}; expected {list(LABEL_COLUMNS)} (+ age_in_days)")
+    if "CPM_RadPath_2019_ID" not in df.columns:
+        raise InputError(path, f"missing column 'CPM_RadPath_2019_ID'; expected {list(LABEL_COLUMNS)} (+ age_in_days)")
+    # DESIGN.md: the class is absent for hidden sets, so no class column, or an empty class, is an
+    # unlabelled case (label None).
+    df["class"] = df["class"].astype(object).where(df["class"].notna(), None) if "class" in df.columns else None
+    line = _data_lines(path)
     dup = df["CPM_RadPath_2019_ID"][df["CPM_RadPath_2019_ID"].duplicated()].tolist()
     if dup:
         raise InputError(path, f"duplicate id(s) {dup[:5]}")
-    bad = df[~df["class"].isin(CLASSES)]
+    bad = df[df["class"].notna() & ~df["class"].isin(CLASSES)]
     if len(bad):
         row = bad.iloc[0]
         raise InputError(
             path,
-            f"class {row['class']!r} for {row['CPM_RadPath_2019_ID']} (line {bad.index[0] + 2}) "
+            f"class {row['class']!r} for {row['CPM_RadPath_2019_ID']} (line {line[bad.index[0]]}) "
             f"is not one of {list(CLASSES)}",
         )
     if "age_in_days" in df.columns:
@@ -158,7 +168,7 @@ def read_labels(path: Path) -> pd.DataFrame:
             i = bad.index[0]
             raise InputError(
                 path,
-                f"age_in_days {str(df.at[i, 'age_in_days'])!r} for {df.at[i, 'CPM_RadPath_2019_ID']} (line {i + 2}) "
+                f"age_in_days {str(df.at[i, 'age_in_days'])!r} for {df.at[i, 'CPM_RadPath_2019_ID']} (line {line[i]}) "
                 "is not a non-negative number of days",
             )
         df["age_in_days"] = age

@@ -4,7 +4,8 @@ For each case with a slide (`radpath tile`):
 
 - the slide's level 0 (page 0) is opened with pyvips for *sequential* access and read in strips of
   whole tile rows, top to bottom: every level-0 pixel is decoded once, and memory holds a few
-  strips, never a level (a 100k x 80k slide stays well under 2 GiB);
+  strips, never a level (a 100k x 80k slide stays well under 2 GiB). A tiled TIFF is read one
+  libvips call per strip; a strip TIFF (CPM's non-pyramidal slides) in one libvips evaluation;
 - the finest requested magnification is level 0 itself when the slide's µm/px matches it (within
   ``mpp_tolerance``), a libvips reduce when it is an integer multiple, or a libvips resize
   otherwise; each coarser magnification is a libvips reduce (lanczos3 by default) of a finer one,
@@ -335,12 +336,19 @@ class _Reducer:
         return out
 
 
-def _strips(image: pyvips.Image, height: int, path: str) -> Iterator[np.ndarray]:
+def _strips(image: pyvips.Image, height: int, path: str, any_order: bool = False) -> Iterator[np.ndarray]:
     """Strips of `height` rows, top to bottom, decoded by libvips on a reader thread.
 
     The next strip decodes (libvips' own threads, GIL released) while this one is cut and written.
     A strip is only valid until the next one is asked for: libvips decodes into two reused
     buffers, so that no strip costs fresh pages (their page faults took ~8% of a pass's CPU).
+
+    `any_order`: the source reads any rows at any time (a tiled TIFF), so each strip is its own
+    libvips call, written straight into its buffer. Otherwise (a strip TIFF) the whole image is
+    one libvips evaluation whose rows are copied into the strips as they come: a sequential reader
+    drops its cache after each call, so a strip whose rows (or reduce margin) began in a TIFF strip
+    already passed would fail "out of order", and random access would decode the whole slide to a
+    temporary file first.
     """
     import pyvips
 
@@ -362,26 +370,77 @@ def _strips(image: pyvips.Image, height: int, path: str) -> Iterator[np.ndarray]
                 continue
         return False
 
+    def take() -> np.ndarray | None:
+        """A free strip buffer, or None once the consumer has gone."""
+        while True:
+            try:
+                buf = free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if stop.is_set():
+                    return None
+        return np.empty((height, image.width, 3), dtype=np.uint8) if buf is None else buf
+
+    def each_strip() -> bool:
+        for y in range(0, image.height, height):
+            h = min(height, image.height - y)
+            buf = take()
+            if buf is None:
+                return False
+            strip = buf[:h]
+            image.crop(0, y, image.width, h).write(
+                pyvips.Image.new_from_memory(strip.data, image.width, h, 3, "uchar")
+            )
+            if not put((buf, strip)):
+                return False
+        return True
+
+    def one_pass() -> bool:
+        row_bytes = image.width * 3
+        buf, filled, y = None, 0, 0  # the strip being filled: its buffer, bytes in it, first row
+        failure: list[BaseException] = []
+
+        def fill(chunk) -> int:
+            nonlocal buf, filled, y
+            data = np.frombuffer(chunk, dtype=np.uint8)
+            while data.size:
+                if buf is None:
+                    buf = take()
+                    if buf is None:
+                        return -1  # the consumer has gone: libvips ends the evaluation
+                h = min(height, image.height - y)
+                n = min(data.size, h * row_bytes - filled)
+                buf.reshape(-1)[filled : filled + n] = data[:n]
+                filled, data = filled + n, data[n:]
+                if filled == h * row_bytes:
+                    if not put((buf, buf[:h])):
+                        return -1
+                    buf, filled, y = None, 0, y + h
+            return len(chunk)
+
+        def on_write(chunk) -> int:
+            try:
+                return fill(chunk)
+            except BaseException as e:  # pragma: no cover - a callback must not raise into libvips
+                failure.append(e)
+                return -1
+
+        target = pyvips.TargetCustom()
+        target.on_write(on_write)
+        try:
+            image.rawsave_target(target)
+        except pyvips.Error:
+            if failure:
+                raise failure[0] from None
+            if stop.is_set():
+                return False
+            raise
+        return True
+
     def read() -> None:
         try:
-            for y in range(0, image.height, height):
-                h = min(height, image.height - y)
-                while True:
-                    try:
-                        buf = free.get(timeout=0.1)
-                        break
-                    except queue.Empty:
-                        if stop.is_set():
-                            return
-                if buf is None:
-                    buf = np.empty((height, image.width, 3), dtype=np.uint8)
-                strip = buf[:h]
-                image.crop(0, y, image.width, h).write(
-                    pyvips.Image.new_from_memory(strip.data, image.width, h, 3, "uchar")
-                )
-                if not put((buf, strip)):
-                    return
-            put(None)
+            if (each_strip if any_order else one_pass)():
+                put(None)
         except pyvips.Error as e:
             put(InputError(path, f"cannot decode the slide (truncated or corrupt?): {_vips_problem(e)}"))
         except BaseException as e:  # pragma: no cover - handed to the consumer, re-raised there
@@ -418,6 +477,9 @@ def _tile_pass(path: str, root: Level, tree: list[Level], writers: dict[float, T
     """One sequential read of the slide, building `root` and the levels reduced from it."""
     slide = open_slide(path)
     image = _root_image(slide, root, cfg.downsample_kernel)
+    # libvips reads a tiled TIFF's tiles on demand (it records their size); other slides, strip
+    # TIFFs above all, can only be read top to bottom.
+    any_order = slide.get_typeof("tile-width") != 0
     by_mag = {lv.magnification: lv for lv in tree}
     needed = _needed_levels(tree, set(writers))
     order = [lv for lv in tree if lv.magnification in needed]
@@ -425,7 +487,7 @@ def _tile_pass(path: str, root: Level, tree: list[Level], writers: dict[float, T
     reducers = {
         lv.magnification: _Reducer(by_mag[lv.parent], lv, cfg.downsample_kernel) for lv in order if lv.parent is not None
     }
-    for rows in _strips(image, cfg.tile_size, path):
+    for rows in _strips(image, cfg.tile_size, path, any_order):
         made = {root.magnification: rows}
         for lv in order:
             if lv.parent is not None:
@@ -509,6 +571,13 @@ def _slide_mpp(case: dict, path: str) -> float:
     return float(mpp)
 
 
+def _no_level_problem(native: float, skipped: list[tuple[float, str]], tolerance: float) -> str:
+    if all(mag_to_mpp(m) / native < 1 - tolerance for m, _ in skipped):  # plan_levels' test for "finer"
+        mags = ", ".join(f"{mag_key(m)}x" for m, _ in skipped)
+        return f"every requested magnification ({mags}) is finer than the slide's {native:.3g} µm/px"
+    return "no requested magnification can be made: " + "; ".join(why for _, why in skipped)
+
+
 def tile_case(case: dict, *, store_url: str, cfg: TileConfig) -> dict[str, Any]:
     """Tile one slide (a pure Dask task): writes `tiles.zarr/<case>/<mag>` for each incomplete mag.
 
@@ -526,6 +595,9 @@ def tile_case(case: dict, *, store_url: str, cfg: TileConfig) -> dict[str, Any]:
         native = _slide_mpp(case, path)
         slide = open_slide(path)  # the header only: a bad file fails before anything is written
         levels, skipped = plan_levels(native, slide.width, slide.height, cfg.magnifications, cfg.mpp_tolerance)
+        if not levels:
+            # No tile can come of it: bad input like a blank slide, not a "complete" one.
+            raise InputError(path, _no_level_problem(native, skipped, cfg.mpp_tolerance))
         summary["skipped"] = [[m, why] for m, why in skipped]
         summary["fits_a_tile"] = any(lv.width >= cfg.tile_size and lv.height >= cfg.tile_size for lv in levels)
         todo = [lv for lv in levels if not _is_done(store, case_id, lv, cfg)]

@@ -177,8 +177,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     "volume affines differ": (lambda c: _then(_affine(str(c.volume("flair"))), c.mri_cmd()),
                               [f"{GOOD}_flair.nii.gz", "affine differs from t1's", "co-registered"]),
     # ---- labels CSV ---------------------------------------------------------------------------
-    "labels missing column": (lambda c: c.ingest_cmd(_labels(c, f"CPM_RadPath_2019_ID,age_in_days\n{GOOD},5\n")),
-                              ["labels.csv", "missing column(s) ['class']"]),
+    "labels missing column": (lambda c: c.ingest_cmd(_labels(c, f"ID,class,age_in_days\n{GOOD},A,5\n")),
+                              ["labels.csv", "missing column 'CPM_RadPath_2019_ID'"]),
     "labels unknown class": (lambda c: c.ingest_cmd(_labels(c, f"CPM_RadPath_2019_ID,class\n{GOOD},X\n")),
                              ["labels.csv", "class 'X'", "(line 2)"]),
     "labels duplicate id": (lambda c: c.ingest_cmd(_labels(c, f"CPM_RadPath_2019_ID,class\n{GOOD},A\n{GOOD},G\n")),
@@ -200,6 +200,12 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
                          ["cfg.yaml: tile.background_fraction:", "less than or equal to 1"]),
     "config YAML syntax": (lambda c: ["run", str(c.write("cfg.yaml", "tile: [1, 2\nwsi: {\n"))],
                            ["cfg.yaml: not valid YAML"]),
+    # ---- option values (checked like config keys) ----------------------------------------------
+    "option --codec png": (lambda c: c.tile_cmd("--codec", "png"), ["radpath tile options: codec:", "'zstd' or 'jpeg'"]),
+    "option --mags 0": (lambda c: c.tile_cmd("--mags", "0"),
+                        ["radpath tile options: magnifications:", "positive numbers"]),
+    "option --default-mpp -1": (lambda c: [*c.ingest_cmd(), "--default-mpp", "-1"],
+                                ["radpath ingest options: default_mpp:", "greater than 0"]),
     # ---- prediction tables --------------------------------------------------------------------
     "predictions missing column": (lambda c: c.fuse_cmd(lambda t: t.drop_columns(["logit_O"])),
                                    ["wsi-mag20-fold0-e49--oof.parquet", "missing column(s) logit_O"]),
@@ -271,7 +277,7 @@ def test_bad_input_gives_one_message_exit_2_and_an_unchanged_store(base, tmp_pat
 
 def test_cases_cover_every_kind_of_input():
     kinds = {name.split()[0] for name in CASES}
-    assert kinds == {"slide", "volume", "labels", "config", "predictions", "store", "case", "model"}
+    assert kinds == {"slide", "volume", "labels", "config", "option", "predictions", "store", "case", "model"}
     assert len(CASES) >= 25
 
 

@@ -186,7 +186,12 @@ def test_default_mpp_fills_in(tmp_path):
     [
         ("CPM_RadPath_2019_ID,class\nCPM19_CBICA_001_1,X\n", "class 'X' for CPM19_CBICA_001_1 (line 2) is not one of"),
         ("CPM_RadPath_2019_ID,class\nCPM19_CBICA_001_1,A\nCPM19_CBICA_001_1,G\n", "duplicate id(s) ['CPM19_CBICA_001_1']"),
-        ("id,label\nCPM19_CBICA_001_1,A\n", "missing column(s) ['CPM_RadPath_2019_ID', 'class']"),
+        ("id,label\nCPM19_CBICA_001_1,A\n", "missing column 'CPM_RadPath_2019_ID'"),
+        # pandas skips blank lines; the line reported is the file's
+        ("CPM_RadPath_2019_ID,class,age_in_days\n\nCPM19_CBICA_001_1,A,1\n  \nCPM19_CBICA_003_1,X,1\n",
+         "class 'X' for CPM19_CBICA_003_1 (line 5)"),
+        ("CPM_RadPath_2019_ID,class,age_in_days\r\n\r\nCPM19_CBICA_001_1,A,old\r\n",
+         "age_in_days 'old' for CPM19_CBICA_001_1 (line 3)"),
     ],
 )
 def test_bad_labels_csv(tmp_path, content, message):
@@ -198,6 +203,20 @@ def test_bad_labels_csv(tmp_path, content, message):
         ingest(str(tmp_path / "st"), data, bad, IngestConfig(folds=2))
     assert str(e.value).startswith(str(bad)) and message in str(e.value)
     assert not (tmp_path / "st").exists()
+
+
+@pytest.mark.parametrize("header, row", [("CPM_RadPath_2019_ID,age_in_days", "{case},7"),
+                                         ("CPM_RadPath_2019_ID,class,age_in_days", "{case},,7")])
+def test_labels_without_class_are_unlabelled_cases(tmp_path, header, row):
+    """DESIGN.md: the class is absent for hidden sets (no class column, or an empty class)."""
+    data = tmp_path / "data"
+    make_cohort(data)
+    cases = ["CPM19_CBICA_001_1", "CPM19_CBICA_HID_1"]
+    labels = write_labels(tmp_path, [], header=header + "\n" + "\n".join(row.format(case=c) for c in cases))
+    df = ingest(str(tmp_path / "st"), data, labels, IngestConfig(folds=2)).set_index("case_id")
+    assert df["label"].isna().all() and not df["excluded"].any()
+    assert (df.loc[cases, "age_in_days"] == 7).all() and (df.loc[cases, "split"] == "val").all()
+    assert (df["fold"] == -1).all()
 
 
 def test_cli_exit_code_2_lists_each_problem(tmp_path):

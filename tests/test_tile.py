@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -413,6 +414,20 @@ def test_slide_without_tissue_is_bad_input(tmp_path, three_slides):
     assert wsi.read_coords(store, "E0", 5).shape == (0, 2)
 
 
+def test_slide_coarser_than_every_magnification_is_bad_input(tmp_path, three_slides):
+    """No level to make at all: an error naming the slide, not a "complete" case without tiles."""
+    coarse = synthetic_slide(tmp_path / "coarse.tif", size=(600, 600), mpp=8.0)
+    store = make_store(tmp_path / "s", [case_row("C0", coarse, 8.0), three_slides[0]])
+    problem = f"{coarse}: every requested magnification (20x, 10x, 5x) is finer than the slide's 8 µm/px"
+    with pytest.raises(RadpathError, match=re.escape(problem)):
+        wsi.tile_store(str(store.root), SMALL)
+    assert not store.exists("tiles.zarr/C0") and not store.has_table("tiles")
+    results = wsi.tile_store(str(store.root), SMALL, skip_errors=True)
+    assert [r["status"] for r in results] == ["error", "complete"] and results[0]["error"] == problem
+    assert store.read_table("tile_errors")["error"].tolist() == [problem]
+    assert set(store.read_table("tiles")["case_id"]) == {"S0"}
+
+
 def _bad_slides(root: Path, good: Path) -> dict[str, tuple[Path, str]]:
     root.mkdir()
     zero = root / "zero.tif"
@@ -509,3 +524,26 @@ def test_streamed_pyramid_equals_whole_level_reduce(tmp_path, kernel, mags):
         rows, cols = a.shape[0] // 32, a.shape[1] // 32
         expect = a[: rows * 32, : cols * 32].reshape(rows, 32, cols, 32, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 32, 32, 3)
         np.testing.assert_array_equal(wsi.read_tiles(store, "N1", mag), expect)
+
+
+@pytest.mark.parametrize("mags", [[20, 10], [40, 20]])
+def test_strip_tiff_tiles_like_the_tiled_one(tmp_path, mags):
+    """A non-pyramidal strip TIFF (like CPM's) gives the tiles of the same slide saved tiled.
+
+    48 rows per strip do not divide the 64 px tiles, and at 0.25 µm/px 20x is a 2x reduce of level 0:
+    both make a strip's rows begin in a TIFF strip that libvips' sequential reader has passed."""
+    noise = np.random.default_rng(5).integers(0, 256, (700, 390, 3), dtype=np.uint8)
+    image = pyvips.Image.new_from_array(noise, interpretation="srgb")
+    image.tiffsave(str(tmp_path / "strip.tif"), tile=False, tile_height=48, compression="lzw")
+    image.tiffsave(str(tmp_path / "tiled.tif"), tile=True, compression="lzw")
+    cfg = TileConfig(tile_size=64, tiles_per_shard=5, background_threshold=255, magnifications=mags)
+    stores = {}
+    for kind in ("strip", "tiled"):
+        stores[kind] = make_store(tmp_path / kind, [case_row("P1", tmp_path / f"{kind}.tif", 0.25)])
+        assert [r["status"] for r in wsi.tile_store(str(stores[kind].root), cfg)] == ["done"]
+    for mag in mags:
+        tiles = wsi.read_tiles(stores["strip"], "P1", mag)
+        assert len(tiles) == (700 * mag // 40 // 64) * (390 * mag // 40 // 64)
+        np.testing.assert_array_equal(tiles, wsi.read_tiles(stores["tiled"], "P1", mag))
+        np.testing.assert_array_equal(wsi.read_coords(stores["strip"], "P1", mag),
+                                      wsi.read_coords(stores["tiled"], "P1", mag))
