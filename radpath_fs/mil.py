@@ -45,12 +45,14 @@ from radpath_fs.store import Store, mag_key
 from radpath_fs.training import (
     config_json,
     cpu_threads,
-    has_checkpoint,
+    fingerprint_hash,
     inverse_frequency_weights,
     load_safetensors_bytes,
     resolve_device,
     save_checkpoint,
     seed_everything,
+    stale_snapshots,
+    warn_retraining,
     write_history,
     wsi_model_id,
 )
@@ -514,24 +516,20 @@ def build_transforms(cfg_wsi, mean, std):
     return train, evaluate
 
 
-class WSITrainer:
-    """One training run: a magnification, a held-out fold, a mode. `fit()` runs it to the end."""
+class WSIRun:
+    """What makes a training run the run it is (magnification, fold, mode, settings, case lists)
+    and what it has left in the store. Cheap: the cases table and array metadata are read, no
+    embedding or tile, so whether the snapshots are up to date is known before any loading."""
 
-    def __init__(self, store: Store, cfg, magnification: float, fold: int, mode: str,
-                 weights: Path | None, device: torch.device):
+    def __init__(self, store: Store, cfg, magnification: float, fold: int, mode: str, weights: Path | None):
         if mode not in MODES:
             raise RadpathError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
         self.store, self.cfg, self.w = store, cfg, cfg.wsi
-        self.magnification, self.fold, self.mode, self.device = float(magnification), int(fold), mode, device
+        self.magnification, self.fold, self.mode = float(magnification), int(fold), mode
         self.run_id = wsi_run_id(magnification, fold)
+        self.model_ids = [wsi_model_id(magnification, fold, e) for e in self.w.snapshot_epochs()]
 
-        from radpath_fs.embed import (
-            create_embedder,
-            embedder_id,
-            embedding_width,
-            normalization_stats,
-            weights_hash,
-        )
+        from radpath_fs.embed import embedder_id, weights_hash
 
         embed_cfg = cfg.embed
         if mode == "finetune" and weights is not None:
@@ -544,15 +542,66 @@ class WSITrainer:
 
         available = (_embedding_available(store, self.embedder_id, magnification) if mode == "head"
                      else _tiles_available(store, magnification))
-        self.train_ids, train_labels, self.val_ids, val_labels = _select_cases(store, magnification, fold, available)
-        self.train_y = np.array([CLASSES.index(c) for c in train_labels], dtype=np.int64)
-        self.val_y = np.array([CLASSES.index(c) for c in val_labels], dtype=np.int64)
-        all_ids = self.train_ids + self.val_ids
-        self.source = (EmbeddingBags(store, self.embedder_id, all_ids, magnification) if mode == "head"
-                       else TileBags(store, all_ids, magnification))
+        self.train_ids, self.train_labels, self.val_ids, self.val_labels = _select_cases(
+            store, magnification, fold, available)
 
-        seed_everything(cfg.seed)  # weight initialisation
-        if mode == "head":
+    def fingerprint(self) -> dict:
+        return {
+            "magnification": self.magnification, "fold": self.fold, "mode": self.mode, "seed": self.cfg.seed,
+            "wsi": _stable_wsi(self.w), "embedder_id": self.embedder_id, "weights_hash": self.weights_hash,
+            "train_cases": self.train_ids, "val_cases": self.val_ids,
+        }
+
+    def is_of_this_run(self, state: dict) -> bool:
+        return state.get("fingerprint") == json.loads(json.dumps(self.fingerprint()))  # as state.json holds it
+
+    def status(self) -> tuple[dict[str, str], bool]:
+        """(snapshot id -> why it must be trained, whether the saved state is of this run, finished).
+
+        The snapshots are written before the epoch's history and state: a run killed in between
+        has all of them but must still finish that epoch's records. No state: the snapshots decide.
+        """
+        state = self.read_state()
+        finished = state is None or (self.is_of_this_run(state) and int(state["epoch"]) + 1 >= self.w.epochs)
+        return stale_snapshots(self.store, self.model_ids, fingerprint_hash(self.fingerprint())), finished
+
+    def state_dir(self) -> str:
+        return f"models/{self.run_id}/resume"
+
+    def read_state(self) -> dict | None:
+        rel = f"{self.state_dir()}/state.json"
+        return self.store.read_json(rel) if self.store.exists(rel) else None
+
+    def drop_states_but(self, keep: str) -> None:
+        """Delete the weights files state.json no longer points to, including those of a run
+        killed between writing state.json and deleting the file it replaced."""
+        folder = self.store.path(self.state_dir())
+        for path in self.store.fs.ls(folder, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if re.fullmatch(r"e\d+\.safetensors", name) and name != keep:
+                self.store.fs.rm(path)
+
+
+class WSITrainer(WSIRun):
+    """One training run, loaded and ready to train: `fit()` runs it to the end."""
+
+    def __init__(self, store: Store, cfg, magnification: float, fold: int, mode: str,
+                 weights: Path | None, device: torch.device, run: WSIRun | None = None):
+        # `run`: the same run already worked out (by `train_wsi`, to decide whether to train).
+        vars(self).update(vars(run or WSIRun(store, cfg, magnification, fold, mode, weights)))
+        self.device = device
+
+        from radpath_fs.embed import create_embedder, embedding_width, normalization_stats
+
+        store, embed_cfg, mag, head_mode = self.store, self.embed_cfg, self.magnification, self.mode == "head"
+        self.train_y = np.array([CLASSES.index(c) for c in self.train_labels], dtype=np.int64)
+        self.val_y = np.array([CLASSES.index(c) for c in self.val_labels], dtype=np.int64)
+        all_ids = self.train_ids + self.val_ids
+        self.source = (EmbeddingBags(store, self.embedder_id, all_ids, mag) if head_mode
+                       else TileBags(store, all_ids, mag))
+
+        seed_everything(self.cfg.seed)  # weight initialisation
+        if head_mode:
             embedder: nn.Module = nn.Identity()
             features = self.source.features
             self.mean = self.std = None
@@ -562,10 +611,10 @@ class WSITrainer:
                                        seed=embed_cfg.seed)
             features = embedding_width(embedder)
             # Per magnification, as the embeddings of `radpath embed` are normalised.
-            self.mean, self.std = normalization_stats(store, embed_cfg, [self.magnification])
+            self.mean, self.std = normalization_stats(store, embed_cfg, [mag])
             self.train_tf, self.eval_tf = (t.to(device) for t in build_transforms(self.w, self.mean, self.std))
         self.head = PooledHead(features, N_CLASSES, self.w.head.hidden, self.w.head.dropout)
-        self.standardized = mode == "head" and self.w.head.standardize
+        self.standardized = head_mode and self.w.head.standardize
         if self.standardized:
             self.head.set_standardization(*self.source.feature_stats(range(len(self.train_ids))))
         self.model = MILClassifier(embedder, self.head).to(device)
@@ -573,20 +622,12 @@ class WSITrainer:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.w.lr, weight_decay=self.w.weight_decay)
-        weights_ce = (inverse_frequency_weights(train_labels) if self.w.class_weighting == "inverse_frequency"
+        weights_ce = (inverse_frequency_weights(self.train_labels) if self.w.class_weighting == "inverse_frequency"
                       else np.ones(N_CLASSES))
         self.class_weights = weights_ce.tolist()
         self.loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights_ce, dtype=torch.float32, device=device))
         self.loader = Loader(self.source, threads=loader_threads(self.w.loader_threads),
                              depth=self.w.prefetch_batches, pin=device.type == "cuda")
-
-    # -- what makes a run the same run ------------------------------------------------------------
-    def fingerprint(self) -> dict:
-        return {
-            "magnification": self.magnification, "fold": self.fold, "mode": self.mode, "seed": self.cfg.seed,
-            "wsi": _stable_wsi(self.w), "embedder_id": self.embedder_id, "weights_hash": self.weights_hash,
-            "train_cases": self.train_ids, "val_cases": self.val_ids,
-        }
 
     def model_config(self, epoch: int) -> dict:
         return {
@@ -701,9 +742,6 @@ class WSITrainer:
         return balanced_accuracy(self.val_y.tolist(), logits.argmax(1).tolist())
 
     # -- resumable state ------------------------------------------------------------------------
-    def _state_dir(self) -> str:
-        return f"models/{self.run_id}/resume"
-
     def save_state(self, epoch: int, history: list[dict]) -> None:
         """Weights + optimiser after `epoch` as one safetensors file; state.json (written last) points to it."""
         from safetensors.torch import save
@@ -714,35 +752,27 @@ class WSITrainer:
             for name, value in st.items():
                 tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         name = f"e{epoch}.safetensors"
-        self.store.write_bytes(f"{self._state_dir()}/{name}", save(tensors))
-        self.store.write_json(f"{self._state_dir()}/state.json", {
+        self.store.write_bytes(f"{self.state_dir()}/{name}", save(tensors))
+        self.store.write_json(f"{self.state_dir()}/state.json", {
             "epoch": epoch, "file": name, "fingerprint": self.fingerprint(),
             "param_groups": opt["param_groups"], "history": history,
         })
-        self._drop_states_but(name)
-
-    def _drop_states_but(self, keep: str) -> None:
-        """Delete the weights files state.json no longer points to, including those of a run
-        killed between writing state.json and deleting the file it replaced."""
-        folder = self.store.path(self._state_dir())
-        for path in self.store.fs.ls(folder, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if re.fullmatch(r"e\d+\.safetensors", name) and name != keep:
-                self.store.fs.rm(path)
-
-    def _read_state(self) -> dict | None:
-        rel = f"{self._state_dir()}/state.json"
-        return self.store.read_json(rel) if self.store.exists(rel) else None
+        self.drop_states_but(name)
 
     def load_state(self) -> tuple[int, list[dict]] | None:
-        """(last completed epoch, history) of a matching earlier run, weights and optimiser restored."""
-        state = self._read_state()
+        """(last completed epoch, history) of an unfinished earlier run of the same settings and
+        cases, weights and optimiser restored; None (start over) for any other state."""
+        state = self.read_state()
         if state is None:
             return None
-        if state.get("fingerprint") != json.loads(json.dumps(self.fingerprint())):
-            warn(f"{self.store.path(self._state_dir())}: an earlier run with other settings or cases; starting over")
+        if not self.is_of_this_run(state):
+            warn(f"{self.store.path(self.state_dir())}: an earlier run with other settings or cases; starting over")
             return None
-        rel = f"{self._state_dir()}/{state['file']}"
+        if int(state["epoch"]) + 1 >= self.w.epochs:
+            warn(f"{self.store.path(self.state_dir())}: a finished run whose snapshots are missing or replaced; "
+                 "starting over")
+            return None
+        rel = f"{self.state_dir()}/{state['file']}"
         tensors = load_safetensors_bytes(self.store.fs.cat_file(self.store.path(rel)), self.store.path(rel))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt_state: dict[int, dict] = {}
@@ -751,20 +781,19 @@ class WSITrainer:
                 _, pid, name = k.split(".", 2)
                 opt_state.setdefault(int(pid), {})[name] = v
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        self._drop_states_but(state["file"])
+        self.drop_states_but(state["file"])
         return int(state["epoch"]), list(state["history"])
 
     # -- the run --------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> list[str]:
+        """Train to the end, after the last epoch of a resumable state (`train_wsi` checks first
+        whether there is anything to train)."""
         snapshots = self.w.snapshot_epochs()
-        model_ids = [wsi_model_id(self.magnification, self.fold, e) for e in snapshots]
+        fingerprint = fingerprint_hash(self.fingerprint())
         start, history = 0, []
         loaded = self.load_state() if resume else None
         if loaded is not None:
             last, history = loaded
-            if last + 1 >= self.w.epochs and all(has_checkpoint(self.store, m) for m in model_ids):
-                info(f"{self.run_id}: already trained ({self.w.epochs} epochs); snapshots {', '.join(model_ids)}")
-                return model_ids
             start = last + 1
             info(f"{self.run_id}: resuming after epoch {last + 1}/{self.w.epochs}")
         info(f"{self.run_id}: {self.mode} on {len(self.train_ids)} slides ({len(self.val_ids)} held out), "
@@ -775,16 +804,15 @@ class WSITrainer:
             history.append(record)
             if epoch in snapshots:
                 save_checkpoint(self.store, wsi_model_id(self.magnification, self.fold, epoch),
-                                self.model.state_dict(), self.model_config(epoch))
+                                self.model.state_dict(), self.model_config(epoch), fingerprint)
             write_history(self.store, self.run_id, history)
             self.save_state(epoch, history)
             info(f"{self.run_id} epoch {epoch + 1}: loss {record['loss']:.4f}, train bal. acc "
                  f"{record['train_balanced_accuracy']:.3f}, val bal. acc {record['val_balanced_accuracy']:.3f}")
-        # Snapshots of a run finished before a crash are not rewritten by the resumed one.
-        for epoch, mid in zip(snapshots, model_ids, strict=True):
-            if not has_checkpoint(self.store, mid):
-                raise RadpathError(f"{self.store.path('models', mid)}: snapshot missing after training (epoch {epoch})")
-        return model_ids
+        # Snapshots written before a crash are not rewritten by the resumed run.
+        for mid, why in stale_snapshots(self.store, self.model_ids, fingerprint).items():
+            raise RadpathError(f"{self.store.path('models', mid)}: snapshot {why} after training")
+        return self.model_ids
 
 
 def _stable_wsi(w) -> dict:
@@ -793,6 +821,13 @@ def _stable_wsi(w) -> dict:
     for k in ("loader_threads", "prefetch_batches", "magnifications", "folds", "mode"):
         d.pop(k, None)
     return d
+
+
+def wsi_is_current(store_url: str | Store, cfg, magnification: float, fold: int, mode: str | None = None) -> bool:
+    """Whether `train_wsi` would find nothing to train; cheap (see `WSIRun`), takes no lock."""
+    store = store_url if isinstance(store_url, Store) else Store(store_url)
+    stale, finished = WSIRun(store, cfg, magnification, fold, mode or cfg.wsi.mode, None).status()
+    return finished and not stale
 
 
 def train_wsi(
@@ -814,7 +849,18 @@ def train_wsi(
     # The head's tensors are ~100 KB a step: intra-op threads only add synchronisation there
     # (measured 70x slower per gather with 2 threads on a busy 2-core box).
     with store.lock("train-wsi"), cpu_threads(1 if mode == "head" and dev.type == "cpu" else None):
-        trainer = WSITrainer(store, cfg, magnification, fold, mode, Path(weights) if weights else None, dev)
+        run = WSIRun(store, cfg, magnification, fold, mode, Path(weights) if weights else None)
+        if resume:
+            stale, finished = run.status()
+            if finished and not stale:
+                state = run.read_state()
+                if state is not None:  # a run killed right after its last state.json left the one before
+                    run.drop_states_but(state["file"])
+                info(f"{run.run_id}: snapshots {', '.join(run.model_ids)} are up to date; nothing to train "
+                     "(--no-resume retrains)")
+                return run.model_ids
+            warn_retraining(stale)
+        trainer = WSITrainer(store, cfg, magnification, fold, mode, None, dev, run=run)
         try:
             return trainer.fit(resume=resume)
         finally:

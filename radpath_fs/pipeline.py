@@ -1,7 +1,8 @@
 """`radpath run PIPELINE.yaml`: every step in order, each skipped when its output is complete.
 
 The steps only talk through the store. Completion is decided by each step's own outputs (complete
-Zarr groups, checkpoints, prediction files), so an interrupted run picks up where it stopped.
+Zarr groups, checkpoints of the current training settings and case lists, prediction files), so an
+interrupted run picks up where it stopped and a changed training setting retrains and predicts again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from radpath_fs.progress import console, each_warning_once, info
 SYNTH_MARKER = ".radpath-synth.json"
 FUSE_MARKER = "stats/fuse_inputs.json"
 REPORT_MARKER = "stats/report_inputs.json"
+# Training steps ask the trainers, which compare the snapshots' recorded training fingerprint
+# (config and case lists) with the current one: a changed setting retrains, and its predictions follow.
+UP_TO_DATE = "snapshots are up to date"
 
 
 def _step(name: str, skip_reason: str | None, fn: Callable[[], object], timings: dict) -> None:
@@ -47,22 +51,6 @@ def run_synth(root: Path, cfg) -> None:
     synth_cohort(root, cfg)
     # The marker goes last: a cohort cut short by a crash is regenerated on the next run.
     (root / SYNTH_MARKER).write_text(cfg.model_dump_json())
-
-
-def wsi_model_ids(cfg: PipelineConfig, folds: list[int]) -> list[tuple[float, int, list[str]]]:
-    from radpath_fs.training import wsi_model_id
-
-    return [
-        (mag, fold, [wsi_model_id(mag, fold, e) for e in cfg.wsi.snapshot_epochs()])
-        for mag in cfg.wsi.magnifications
-        for fold in folds
-    ]
-
-
-def mri_model_ids(cfg: PipelineConfig, folds: list[int]) -> list[tuple[int, list[str]]]:
-    from radpath_fs.training import mri_model_id
-
-    return [(fold, [mri_model_id(fold, e) for e in cfg.mri.snapshot_epochs()]) for fold in folds]
 
 
 def run_pipeline(
@@ -124,28 +112,25 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
 
             _step("embed", None,
                   lambda: embed_store(store_url, cfg.embed, device=device, scheduler=scheduler)["written"] > 0, timings)
-        from radpath_fs.mil import train_wsi
-        from radpath_fs.training import has_checkpoint
+        from radpath_fs.mil import train_wsi, wsi_is_current
 
-        for mag, fold, ids in wsi_model_ids(cfg, folds):
-            done = all(has_checkpoint(st, i) for i in ids)
+        for mag, fold in ((m, f) for m in cfg.wsi.magnifications for f in folds):
             _step(
                 f"train-wsi mag {mag:g} fold {fold}",
-                "snapshots exist" if done else None,
+                UP_TO_DATE if wsi_is_current(st, cfg, mag, fold) else None,
                 lambda mag=mag, fold=fold: train_wsi(store_url, cfg, magnification=mag, fold=fold, device=device),
                 timings,
             )
 
     if cases["has_mri"].any():
-        from radpath_fs.mri import train_mri
-        from radpath_fs.training import has_checkpoint
+        from radpath_fs.mri.train import mri_is_current, train_mri
 
         mri_folds = cfg.mri.folds if cfg.mri.folds is not None else folds
-        for fold, ids in mri_model_ids(cfg, mri_folds):
-            done = all(has_checkpoint(st, i) for i in ids)
+        for fold in mri_folds:
+            current = mri_is_current(st, cfg, fold=fold, skip_errors=cfg.ingest.skip_errors)
             _step(
                 f"train-mri fold {fold}",
-                "snapshots exist" if done else None,
+                UP_TO_DATE if current else None,
                 lambda fold=fold: train_mri(store_url, cfg, fold=fold, device=device, scheduler=scheduler,
                                             skip_errors=cfg.ingest.skip_errors),
                 timings,

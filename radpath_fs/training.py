@@ -7,6 +7,7 @@ training run): nothing is ever unpickled.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -123,18 +124,59 @@ def mri_model_id(fold: int, epoch: int) -> str:
     return f"mri-{fold_part}-e{epoch}"
 
 
-def save_checkpoint(store, model_id: str, state_dict: dict, config: dict) -> None:
-    """Write `models/<model_id>/` (weights then config; config.json last marks it complete)."""
+# The key of a snapshot's config.json that names the training run that made it (`fingerprint_hash`).
+FINGERPRINT = "training_fingerprint"
+
+
+def fingerprint_hash(what: object) -> str:
+    """A stable string for what makes a training run the same run (settings, seed, case lists)."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_checkpoint(store, model_id: str, state_dict: dict, config: dict, fingerprint: str) -> None:
+    """Write `models/<model_id>/` (weights then config; config.json last marks it complete).
+
+    A snapshot being rewritten stops being complete first (its config.json goes), then loses its
+    prediction tables: they came from the weights it replaces, and `pending_predictions`, which
+    goes by their existence, must see them as missing. A run killed anywhere in between leaves an
+    incomplete snapshot, which the rerun trains and writes again.
+    """
     from safetensors.torch import save
 
     check_name(model_id, "model id")
+    _remove(store, f"models/{model_id}/config.json")
+    for name in store.list_tables("predictions"):
+        if name.removeprefix("predictions/").rsplit("--", 1)[0] == model_id:
+            _remove(store, store.table_rel(name))
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     store.write_bytes(f"models/{model_id}/model.safetensors", save(tensors))
-    store.write_json(f"models/{model_id}/config.json", {"model_id": model_id, **config})
+    store.write_json(f"models/{model_id}/config.json", {"model_id": model_id, **config, FINGERPRINT: fingerprint})
 
 
-def has_checkpoint(store, model_id: str) -> bool:
-    return store.exists(f"models/{check_name(model_id, 'model id')}/config.json")
+def _remove(store, rel: str) -> None:
+    store.check_no_links(rel)  # as for writes: no deletion through a link planted in the store
+    with contextlib.suppress(FileNotFoundError):
+        store.fs.rm(store.path(rel))
+
+
+def stale_snapshots(store, model_ids: list[str], fingerprint: str) -> dict[str, str]:
+    """Model id -> why it must be trained (again), for the snapshots that are not of the run
+    `fingerprint` identifies; reads only their config.json."""
+    stale = {}
+    for model_id in model_ids:
+        rel = f"models/{check_name(model_id, 'model id')}/config.json"
+        if not store.exists(rel):
+            stale[model_id] = "missing"
+        elif store.read_json(rel).get(FINGERPRINT) != fingerprint:
+            stale[model_id] = "trained with another config or case list"
+    return stale
+
+
+def warn_retraining(stale: dict[str, str]) -> None:
+    """Say which existing snapshots a run is about to replace (missing ones are just trained)."""
+    replaced = sorted(m for m, why in stale.items() if why != "missing")
+    if replaced:
+        warn(f"{', '.join(replaced)}: {stale[replaced[0]]}; retraining (their prediction tables are redone)")
 
 
 def load_checkpoint(store, model_id: str) -> tuple[dict, dict]:

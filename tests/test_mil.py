@@ -310,6 +310,52 @@ def test_train_wsi_checks_its_inputs(planted, tmp_path):
         train_wsi(store, cfg, 10, 0, device="cpu")
 
 
+
+def test_a_changed_head_setting_retrains_and_its_predictions_are_redone(tmp_path, capsys):
+    """Snapshots record the fingerprint of the run that made them: the same config trains
+    nothing and keeps the prediction tables; another head setting retrains and drops them."""
+    from pathlib import Path
+
+    from radpath_fs.mil import wsi_is_current
+
+    store, planted_cfg = planted_store(tmp_path / "store", n=12, unlabelled=2)
+
+    def config(**head) -> PipelineConfig:
+        return PipelineConfig.model_validate({
+            "embed": planted_cfg.embed.model_dump(), "predict": {"repeats": 2},
+            "wsi": {"mode": "head", "epochs": 3, "snapshots": [-1], "lr": 3e-3, "head": head}})
+
+    def files() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in Path(store.root).rglob("*") if p.is_file()}
+
+    cfg = config()
+    (model_id,) = train_wsi(store, cfg, 20, 0, device="cpu")
+    predict_models(store, cfg, [model_id], None, device="cpu")
+    tables = [store.path("tables", "predictions", f"{model_id}--{s}.parquet") for s in ("oof", "val")]
+    assert all(Path(p).exists() for p in tables) and pending_predictions(store) == []
+
+    before = files()
+    capsys.readouterr()
+    assert wsi_is_current(store, cfg, 20, 0)
+    train_wsi(store, cfg, 20, 0, device="cpu")
+    assert "nothing to train" in " ".join(capsys.readouterr().err.split())
+    assert files() == before
+
+    changed = config(dropout=0.1)
+    assert not wsi_is_current(store, changed, 20, 0)
+    old = model_bytes(store, model_id)
+    train_wsi(store, changed, 20, 0, device="cpu")
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{model_id}: trained with another config or case list; retraining" in err
+    assert model_bytes(store, model_id) != old
+    assert store.read_json(f"models/{model_id}/config.json")["head"]["dropout"] == 0.1
+    assert not any(Path(p).exists() for p in tables) and pending_predictions(store) == [model_id]
+    assert wsi_is_current(store, changed, 20, 0) and not wsi_is_current(store, cfg, 20, 0)
+    # Another case list (the folds reassigned) is another run too.
+    cases = store.read_table("cases")
+    store.write_table("cases", cases.assign(fold=np.where(cases["fold"] >= 0, (cases["fold"] + 1) % 3, -1)))
+    assert not wsi_is_current(store, changed, 20, 0)
+
 # ---- finetune mode -----------------------------------------------------------------------------
 
 

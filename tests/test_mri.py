@@ -474,6 +474,40 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
     assert Path(path).name == "mri-all-e2--val.parquet"
 
 
+def test_a_changed_setting_retrains_and_its_predictions_are_redone(tmp_path, cohort, capsys):
+    """Snapshots record the fingerprint of the run that made them: the same config trains
+    nothing and keeps the prediction tables; another `mri.lr` retrains and drops them."""
+    from radpath_fs.mri.train import mri_is_current
+    from radpath_fs.predict import pending_predictions
+
+    rows = [r for r in cohort if r["label"]][:9] + [cohort[-1]]
+    cfg = config(epochs=2, snapshots=[-1], batch_size=3, elastic_prob=0.0)
+    store = new_store(tmp_path / "store", rows)
+    (model_id,) = train_mri(store.url, cfg, fold=0, device="cpu")
+    tables = predict_mri(store, cfg, model_id, None, "cpu")
+    assert len(tables) == 2 and pending_predictions(store) == []
+
+    stamp = store_snapshot(store)
+    capsys.readouterr()
+    assert mri_is_current(store, cfg, fold=0)
+    train_mri(store.url, cfg, fold=0, device="cpu")
+    assert "nothing to train" in " ".join(capsys.readouterr().err.split())
+    assert store_snapshot(store) == stamp
+
+    changed = config(epochs=2, snapshots=[-1], batch_size=3, elastic_prob=0.0, lr=cfg.mri.lr * 10)
+    assert not mri_is_current(store, changed, fold=0)
+    before, conf_before = load_checkpoint(store, model_id)
+    assert train_mri(store.url, changed, fold=0, device="cpu") == [model_id]
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{model_id}: trained with another config or case list; retraining" in err
+    after, conf_after = load_checkpoint(store, model_id)
+    assert conf_after["mri"]["lr"] == changed.mri.lr
+    assert conf_after["training_fingerprint"] != conf_before["training_fingerprint"]
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(Path(p).exists() for p in tables) and pending_predictions(store) == [model_id]
+    assert mri_is_current(store, changed, fold=0) and not mri_is_current(store, cfg, fold=0)
+
+
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_resumed_optimizer_state_keeps_the_channels_last_layout(tmp_path, impl):
     """Runtime uses channels_last_3d on CUDA only, so the layout is set by hand: after a state

@@ -164,3 +164,20 @@ def test_a_run_prints_each_warning_once(capsys):
     warn("3 OOF case(s) lack a prediction")  # outside a run every call prints
     err = capsys.readouterr().err
     assert err.count("lack a prediction") == 2 and err.count("no OOF rows") == 1, err
+
+
+def test_a_changed_training_setting_retrains_and_predicts_again(run, tmp_path):
+    """Another `mri.lr`: the MRI folds train again and their predictions are redone; the slide
+    models, trained with unchanged settings, are skipped as up to date."""
+    cfg, store, _ = run
+    copy = tmp_path / "store"
+    shutil.copytree(cfg.store, copy)
+    changed = cfg.model_copy(update={"mri": cfg.mri.model_copy(update={"lr": cfg.mri.lr * 10})})
+    tables = {p.name: p.stat().st_mtime_ns for p in (copy / "tables" / "predictions").glob("*.parquet")}
+    timings = run_pipeline(changed, store=str(copy))
+    folds = sorted(store.cases().query("fold >= 0")["fold"].unique())
+    assert set(timings) == {*(f"train-mri fold {f}" for f in folds), "predict", "fuse", "report"}
+    after = {p.name: p.stat().st_mtime_ns for p in (copy / "tables" / "predictions").glob("*.parquet")}
+    assert after.keys() == tables.keys()
+    assert {n for n in after if after[n] != tables[n]} == {n for n in tables if n.startswith("mri-")}
+    assert run_pipeline(changed, store=str(copy)) == {}

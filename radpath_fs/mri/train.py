@@ -10,7 +10,6 @@ On CUDA: bf16 autocast and channels_last_3d. On the CPU: fp32, deterministic wit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import struct
 import time
@@ -37,13 +36,15 @@ from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store
 from radpath_fs.training import (
     config_json,
-    has_checkpoint,
+    fingerprint_hash,
     inverse_frequency_weights,
     load_safetensors_bytes,
     mri_model_id,
     resolve_device,
     save_checkpoint,
     seed_everything,
+    stale_snapshots,
+    warn_retraining,
     write_history,
 )
 
@@ -193,15 +194,49 @@ def state_meta(store: Store, rid: str) -> dict | None:
     return json.loads(header.get("__metadata__", {}).get("radpath", "{}"))
 
 
-def _fingerprint(cfg: PipelineConfig, fold: int, train_ids: list[str], val_ids: list[str]) -> str:
-    """What must match for a saved state to be resumed (loader settings change no result)."""
+def _fingerprint(cfg: PipelineConfig, fold: int, train: pd.DataFrame, val: pd.DataFrame) -> str:
+    """What must match for a saved state to be resumed and for snapshots to be kept (loader
+    settings change no result). Config and case lists only: cheap to compute."""
     mri = {k: v for k, v in config_json(cfg.mri).items() if k not in ("num_workers", "eval_batch_size", "folds")}
-    blob = json.dumps(
-        {"mri": mri, "seed": cfg.seed, "fold": fold, "train": train_ids, "val": val_ids,
-         "preprocess_version": PREPROCESS_VERSION},
-        sort_keys=True,
+    return fingerprint_hash(
+        {"mri": mri, "seed": cfg.seed, "fold": fold, "train": _ids(train), "val": _ids(val),
+         "preprocess_version": PREPROCESS_VERSION}
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _ids(part: pd.DataFrame) -> list[str]:
+    return [str(c) for c in part["case_id"]]
+
+
+def _training_status(store: Store, cfg: PipelineConfig, fold: int, fingerprint: str) -> tuple[dict[str, str], bool]:
+    """(snapshot id -> why it must be trained, whether the saved state is of this run, finished).
+
+    The snapshots are written before the epoch's history and state: a run killed in between has
+    all of them but must still finish that epoch's records. No state (none kept): the snapshots decide.
+    """
+    meta = state_meta(store, run_id(fold))
+    finished = meta is None or (
+        meta.get("fingerprint") == fingerprint and int(meta.get("epoch", -1)) + 1 >= cfg.mri.epochs
+    )
+    ids = [mri_model_id(fold, e) for e in cfg.mri.snapshot_epochs()]
+    return stale_snapshots(store, ids, fingerprint), finished
+
+
+def _usable(store: Store, mcfg: MRITrainConfig, parts, skip_errors: bool):
+    """With `skip_errors` the cases left uncached (warned about, listed in mri_errors) are left out."""
+    if not skip_errors:
+        return parts
+    return tuple(part[[is_cached(store, str(c), mcfg) for c in part["case_id"]]].reset_index(drop=True)
+                 for part in parts)
+
+
+def mri_is_current(store_url: str | Store, cfg: PipelineConfig, *, fold: int, skip_errors: bool = False) -> bool:
+    """Whether `train_mri` would find nothing to train: snapshots and state of this config and
+    case list. Reads the cases table and small metadata only (no volume, no preprocessing)."""
+    store = store_url if isinstance(store_url, Store) else Store(store_url)
+    train, val = _usable(store, cfg.mri, fold_cases(store.cases(), fold), skip_errors)
+    stale, finished = _training_status(store, cfg, fold, _fingerprint(cfg, fold, train, val))
+    return finished and not stale
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -240,28 +275,27 @@ def train_mri(
         train, val = fold_cases(cases, fold)
         # Every case with MRI, labelled or not: `predict` reads the same cache.
         preprocess_cases(store, mcfg, cases[cases["has_mri"].astype(bool)], scheduler=scheduler, skip_errors=skip_errors)
-        if skip_errors:  # the skipped cases (warned about, listed in mri_errors) are the uncached ones
-            train, val = (part[[is_cached(store, str(c), mcfg) for c in part["case_id"]]].reset_index(drop=True)
-                          for part in (train, val))
+        train, val = _usable(store, mcfg, (train, val), skip_errors)
         if len(train) < 2:
             raise RadpathError(f"fold {fold}: {len(train)} labelled case(s) with MRI to train on; at least 2 are needed")
-        # The snapshots are written before the epoch's history and state: a run killed in between
-        # has all of them but must still finish that epoch's records.
-        meta = state_meta(store, rid)
-        finished = meta is None or int(meta.get("epoch", -1)) + 1 >= mcfg.epochs
-        if resume and finished and all(has_checkpoint(store, m) for m in snapshot_ids.values()):
-            info(f"{rid}: snapshots {sorted(snapshot_ids.values())} exist; nothing to train (--no-resume retrains)")
-            return list(snapshot_ids.values())
-        return _train(store, cfg, fold, train, val, resolve_device(device), resume, snapshot_ids)
+        fingerprint = _fingerprint(cfg, fold, train, val)
+        if resume:
+            stale, finished = _training_status(store, cfg, fold, fingerprint)
+            if finished and not stale:
+                info(f"{rid}: snapshots {sorted(snapshot_ids.values())} are up to date; nothing to train "
+                     "(--no-resume retrains)")
+                return list(snapshot_ids.values())
+            warn_retraining(stale)
+        return _train(store, cfg, fold, train, val, resolve_device(device), resume, snapshot_ids, fingerprint)
 
 
-def _train(store, cfg, fold, train, val, device, resume, snapshot_ids) -> list[str]:
+def _train(store, cfg, fold, train, val, device, resume, snapshot_ids, fingerprint) -> list[str]:
     from monai.data import get_track_meta, set_track_meta
 
     mcfg = cfg.mri
     rid = run_id(fold)
     rt = Runtime(device, mcfg.channels_last)
-    train_ids, val_ids = [str(c) for c in train["case_id"]], [str(c) for c in val["case_id"]]
+    train_ids, val_ids = _ids(train), _ids(val)
     y_train, y_val = label_indices(train["label"]), label_indices(val["label"])
     seed = cfg.seed * 1000 + fold + 1
     seed_everything(seed)  # weight init
@@ -273,7 +307,6 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids) -> list[s
         else np.ones(len(CLASSES))
     )
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
-    fingerprint = _fingerprint(cfg, fold, train_ids, val_ids)
 
     start, history = 0, []
     state = load_state(store, rid) if resume else None
@@ -282,7 +315,8 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids) -> list[s
         if meta.get("fingerprint") != fingerprint:
             warn(f"{store.path('models', rid, STATE_FILE)} was made with another config or case list; starting over")
         elif int(meta["epoch"]) + 1 >= mcfg.epochs:
-            warn(f"{store.path('models', rid, STATE_FILE)} is of a finished run whose snapshots are gone; starting over")
+            warn(f"{store.path('models', rid, STATE_FILE)} is of a finished run whose snapshots are missing or replaced; "
+                 "starting over")
         else:
             model.load_state_dict(model_sd)
             restore_optimizer(optimizer, optim_sd)
@@ -333,7 +367,8 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids) -> list[s
                                 rt, epoch)
                 history.append(record)
                 if epoch in snapshot_ids:
-                    save_checkpoint(store, snapshot_ids[epoch], model.state_dict(), {**config, "snapshot": epoch})
+                    save_checkpoint(store, snapshot_ids[epoch], model.state_dict(), {**config, "snapshot": epoch},
+                                    fingerprint)
                 write_history(store, rid, history)
                 save_state(store, rid, model, optimizer,
                            {"epoch": epoch, "history": history, "fingerprint": fingerprint})
