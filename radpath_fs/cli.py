@@ -27,19 +27,48 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML; defaults to the paper's recipe.")
 
 
-def _user_errors(fn):
-    command = fn.__name__.replace("_", "-")
+def _command(typed: str, group: typer.Typer = app):
+    """Register the command typed `radpath <typed>` on `group`; see `_user_errors`."""
+
+    def register(fn):
+        return group.command(typed.split()[-1])(_user_errors(typed, fn))
+
+    return register
+
+
+class _BadOptions(Exception):
+    """The config built from a command's own options failed validation (args[0]: pydantic's error)."""
+
+
+def _with_options(cfg, **options):
+    """`cfg` (a config section) with the options that were given (not None), validated like YAML."""
+    from pydantic import ValidationError
+
+    update = {k: v for k, v in options.items() if v is not None}
+    try:
+        return cfg.model_validate({**cfg.model_dump(), **update})
+    except ValidationError as e:
+        raise _BadOptions(e) from None
+
+
+def _user_errors(command: str, fn):
+    """User errors print one `error:` line per problem and exit with code 2; bugs keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             try:
                 return fn(*args, **kwargs)
-            except ValueError as e:  # pydantic's ValidationError is one: a bad option value
-                user_error = _option_error(command, e)
-                if user_error is None:
+            except _BadOptions as e:
+                raise _config_error(f"radpath {command} options", e.args[0]) from None
+            except ValueError as e:
+                from pydantic import ValidationError
+
+                if not isinstance(e, ValidationError):
                     raise
-                raise user_error from None
+                # A config read back from a store or a bundle (a snapshot's config.json, bundle.json)
+                # whose reader did not name the file: not the command's options, whatever it is.
+                raise _config_error("invalid configuration", e) from None
         except RadpathError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -47,16 +76,16 @@ def _user_errors(fn):
     return wrapper
 
 
-def _option_error(command: str, err: ValueError) -> RadpathError | None:
-    """A config built from the options failed validation: a `ConfigError` naming each key, worded
-    like those of a YAML config. None for any other ValueError (a bug: its traceback shows)."""
-    from pydantic import ValidationError
-
+def _config_error(source: str, err) -> ConfigError:
     from radpath_fs.config import _format_errors
 
-    if not isinstance(err, ValidationError):
-        return None
-    return ConfigError(_format_errors(f"radpath {command} options", err))
+    return ConfigError(_format_errors(source, err))
+
+
+def _unused_scheduler(why: str):
+    """`--scheduler` of a command that runs in this process: taken (and checked) like every
+    computing command's, so one command line works for all of them."""
+    return typer.Option("sync", "--scheduler", help=f"accepted and checked, but no effect: {why}")
 
 
 def _config(path: Path | None):
@@ -83,8 +112,7 @@ def _size(text: str | None, n: int, option: str) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts)
 
 
-@app.command()
-@_user_errors
+@_command("synth")
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the CPM-RadPath layout into."),
     cases: int = typer.Option(24, "--cases", min=1),
@@ -99,16 +127,13 @@ def synth(
     from radpath_fs.config import SynthConfig
     from radpath_fs.synth import synth_cohort
 
-    kw = dict(cases=cases, seed=seed, wsi_mpp=wsi_mpp, label_noise=label_noise, unlabelled=unlabelled)
-    if wsi_size:
-        kw["wsi_size"] = _size(wsi_size, 2, "--wsi-size")
-    if mri_size:
-        kw["mri_size"] = _size(mri_size, 3, "--mri-size")
-    synth_cohort(out, SynthConfig(**kw))
+    cfg = _with_options(SynthConfig(), cases=cases, seed=seed, wsi_mpp=wsi_mpp, label_noise=label_noise,
+                        unlabelled=unlabelled, wsi_size=_size(wsi_size, 2, "--wsi-size"),
+                        mri_size=_size(mri_size, 3, "--mri-size"))
+    synth_cohort(out, cfg)
 
 
-@app.command()
-@_user_errors
+@_command("ingest")
 def ingest(
     data: Path = typer.Argument(..., help="CPM-RadPath folder (Pathology/, Radiology/)."),
     labels: Path | None = typer.Option(None, "--labels", help="CSV: CPM_RadPath_2019_ID,class,age_in_days"),
@@ -123,30 +148,32 @@ def ingest(
     from radpath_fs.cohort import ingest as run_ingest
     from radpath_fs.config import IngestConfig
 
-    cfg = IngestConfig(folds=folds, seed=seed, default_mpp=default_mpp, skip_errors=skip_errors)
+    cfg = _with_options(IngestConfig(), folds=folds, seed=seed, default_mpp=default_mpp, skip_errors=skip_errors)
     run_ingest(store, data, labels, cfg, unlabelled_split=unlabelled_split)
 
 
-@app.command()
-@_user_errors
+@_command("tile")
 def tile(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
     mags: str | None = typer.Option(None, "--mags", help="e.g. 40,20,10,5,2.5"),
     codec: str | None = typer.Option(None, "--codec", help="zstd (lossless) or jpeg"),
     scheduler: str = SchedulerOpt,
+    device: str = typer.Option("auto", "--device", help="accepted, but tiling runs on the CPU (libvips) "
+                               "whatever it says: only cpu and auto are meaningful"),
     skip_errors: bool = typer.Option(False, "--skip-errors"),
 ):
     """Tile every slide at each magnification, drop background, write tiles.zarr + tiles.parquet."""
+    from radpath_fs.progress import warn
     from radpath_fs.wsi import tile_store
 
-    cfg = _config(config).tile
-    update = {k: v for k, v in {"magnifications": _floats(mags), "codec": codec}.items() if v is not None}
-    tile_store(store, cfg.model_validate({**cfg.model_dump(), **update}), scheduler=scheduler, skip_errors=skip_errors)
+    if device not in ("auto", "cpu"):
+        warn(f"--device {device}: tiling runs on the CPU; the option has no effect")
+    cfg = _with_options(_config(config).tile, magnifications=_floats(mags), codec=codec)
+    tile_store(store, cfg, scheduler=scheduler, skip_errors=skip_errors)
 
 
-@app.command()
-@_user_errors
+@_command("embed")
 def embed(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
@@ -159,14 +186,11 @@ def embed(
     """Embed every stored tile with a timm model; write embeddings.zarr/<embedder>/<case>/<mag>."""
     from radpath_fs.embed import embed_store
 
-    cfg = _config(config).embed
-    update = {"name": embedder, "weights": weights, "batch_size": batch_size}
-    update = {k: v for k, v in update.items() if v is not None}
-    embed_store(store, cfg.model_validate({**cfg.model_dump(), **update}), device=device, scheduler=scheduler)
+    cfg = _with_options(_config(config).embed, name=embedder, weights=weights, batch_size=batch_size)
+    embed_store(store, cfg, device=device, scheduler=scheduler)
 
 
-@app.command("train-wsi")
-@_user_errors
+@_command("train-wsi")
 def train_wsi(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
@@ -175,17 +199,19 @@ def train_wsi(
     mode: str | None = typer.Option(None, "--mode", help="finetune or head"),
     weights: Path | None = typer.Option(None, "--weights", help="embedder start weights (finetune)"),
     device: str = DeviceOpt,
+    scheduler: str = _unused_scheduler("training runs in this process, on --device"),
     resume: bool = typer.Option(True, "--resume/--no-resume"),
 ):
     """Train the pooled-head MIL classifier for one magnification and fold."""
     from radpath_fs.mil import train_wsi as run_train
+    from radpath_fs.scheduler import check_scheduler
 
+    check_scheduler(scheduler)
     cfg = _config(config)
     run_train(store, cfg, magnification=mag, fold=fold, mode=mode, weights=weights, device=device, resume=resume)
 
 
-@app.command("train-mri")
-@_user_errors
+@_command("train-mri")
 def train_mri(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
@@ -203,23 +229,25 @@ def train_mri(
               skip_errors=skip_errors)
 
 
-@app.command()
-@_user_errors
+@_command("predict")
 def predict(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
     model: list[str] = typer.Option(..., "--model", help="model id(s), e.g. wsi-mag20-fold0-e49"),
     split: list[str] | None = typer.Option(None, "--split", help="oof, val, test, train (default: oof + unlabelled)"),
     device: str = DeviceOpt,
+    scheduler: str = _unused_scheduler("prediction, and the preprocessing of MRI not cached yet, run in "
+                                       "this process (`radpath train-mri --scheduler` preprocesses in parallel)"),
 ):
     """Write the prediction table of each model (paper's inference protocol for slides)."""
     from radpath_fs.predict import predict_models
+    from radpath_fs.scheduler import check_scheduler
 
+    check_scheduler(scheduler)
     predict_models(store, _config(config), model_ids=model, splits=split, device=device)
 
 
-@app.command()
-@_user_errors
+@_command("fuse")
 def fuse(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
@@ -236,8 +264,7 @@ def fuse(
     fuse_store(store, cfg, ablations=ablations, plots=plots)
 
 
-@app.command()
-@_user_errors
+@_command("query")
 def query(
     sql: str = typer.Argument(..., help="SQL over the views cases, tiles, predictions, ensembles"),
     store: str = StoreOpt,
@@ -250,8 +277,7 @@ def query(
     run_query(store, sql, fmt=fmt, out=out)
 
 
-@app.command()
-@_user_errors
+@_command("report")
 def report(
     store: str = StoreOpt,
     out: Path | None = typer.Option(None, "--out", help="output folder (default <store>/report)"),
@@ -263,8 +289,7 @@ def report(
     write_report(store, out=out, config=_config(config))
 
 
-@app.command()
-@_user_errors
+@_command("run")
 def run(
     pipeline: Path = typer.Argument(..., help="pipelines/demo.yaml, pipelines/cpm2020.yaml, ..."),
     store: str | None = typer.Option(None, "--store", "-s", help="overrides the pipeline's store"),
@@ -283,8 +308,7 @@ bundle_app = typer.Typer(help="Off-the-shelf bundles: one ensemble packed for `r
 app.add_typer(bundle_app, name="bundle")
 
 
-@bundle_app.command("export")
-@_user_errors
+@_command("bundle export", bundle_app)
 def bundle_export(
     store: str = StoreOpt,
     ensemble: str | None = typer.Option(None, "--ensemble", help="ensemble id or experiment (default: the primary)"),
@@ -297,8 +321,7 @@ def bundle_export(
     export_bundle(store, ensemble, out, config=_config(config))
 
 
-@app.command("predict-case")
-@_user_errors
+@_command("predict-case")
 def predict_case(
     case_dir: Path = typer.Argument(..., help="one case: <ID>.tiff|.tif|.svs and/or <ID>_{t1,t1ce,t2,flair}.nii.gz"),
     bundle: Path = typer.Option(..., "--bundle", "-b", help="folder made by `radpath bundle export`"),

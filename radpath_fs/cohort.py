@@ -223,7 +223,7 @@ def scan(data: Path, labels: Path | None) -> list[CaseRecord]:
         except StoreError as e:
             r.errors.insert(0, InputError(r.slide_path or data, str(e)))
         if r.slide_path is None and all(v is None for v in r.mri.values()):
-            r.errors.append(InputError(labels or data, f"case {r.case_id} has a label but no slide and no MRI"))
+            r.errors.append(InputError(labels or data, f"case {r.case_id} is listed in the labels CSV but has no slide and no MRI"))
     return [records[k] for k in sorted(records)]
 
 

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from radpath_fs import CLASSES, MODALITIES
-from radpath_fs.errors import ConfigError
+from radpath_fs.errors import ConfigError, RadpathError
+from radpath_fs.scheduler import SCHEDULERS, check_scheduler
 
 
 class Section(BaseModel):
@@ -250,6 +251,15 @@ class PipelineConfig(Section):
     mri: MRITrainConfig = MRITrainConfig()
     fusion: FusionConfig = FusionConfig()
     report: ReportConfig = ReportConfig()
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        # Checked on loading, so `radpath run` fails before its first step, naming this key.
+        try:
+            return check_scheduler(v)
+        except RadpathError:  # worded for the --scheduler option
+            raise ValueError(f"{v!r}: expected one of {SCHEDULERS}") from None
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

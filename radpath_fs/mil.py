@@ -544,19 +544,36 @@ class WSIRun:
                      else _tiles_available(store, magnification))
         self.train_ids, self.train_labels, self.val_ids, self.val_labels = _select_cases(
             store, magnification, fold, available)
+        self.inputs = self._inputs_made_from()
+
+    def _inputs_made_from(self) -> str:
+        """A hash of what the cases' inputs were made from: each embedding array's transform
+        (normalisation statistics included) in head mode, each tile group's content fingerprint
+        in finetune mode. Re-tiled slides or re-embedded cases make another run."""
+        from radpath_fs.embed import embedding_transforms, source_fingerprint
+
+        ids = self.train_ids + self.val_ids
+        if self.mode == "head":
+            made = embedding_transforms(self.store, self.embedder_id, ids, self.magnification)
+        else:
+            made = {c: source_fingerprint(self.store, c, self.magnification) for c in ids}
+        return fingerprint_hash(made)
 
     def fingerprint(self) -> dict:
         return {
             "magnification": self.magnification, "fold": self.fold, "mode": self.mode, "seed": self.cfg.seed,
             "wsi": _stable_wsi(self.w), "embedder_id": self.embedder_id, "weights_hash": self.weights_hash,
-            "train_cases": self.train_ids, "val_cases": self.val_ids,
+            "train_cases": self.train_ids, "val_cases": self.val_ids, "inputs": self.inputs,
         }
 
     def is_of_this_run(self, state: dict) -> bool:
-        return state.get("fingerprint") == json.loads(json.dumps(self.fingerprint()))  # as state.json holds it
+        recorded = state.get("fingerprint") or {}
+        now = json.loads(json.dumps(self.fingerprint()))  # as state.json holds it
+        # A state of an earlier version recorded fewer keys: what it recorded must match.
+        return bool(recorded) and recorded.keys() <= now.keys() and all(now[k] == v for k, v in recorded.items())
 
     def status(self) -> tuple[dict[str, str], bool]:
-        """(snapshot id -> why it must be trained, whether the saved state is of this run, finished).
+        """(snapshot id -> why it must be trained, whether the saved state, if any, is of this run and finished).
 
         The snapshots are written before the epoch's history and state: a run killed in between
         has all of them but must still finish that epoch's records. No state: the snapshots decide.
@@ -850,6 +867,10 @@ def train_wsi(
     # (measured 70x slower per gather with 2 threads on a busy 2-core box).
     with store.lock("train-wsi"), cpu_threads(1 if mode == "head" and dev.type == "cpu" else None):
         run = WSIRun(store, cfg, magnification, fold, mode, Path(weights) if weights else None)
+        if mode == "finetune" and run.embed_cfg.weights is None and not run.embed_cfg.pretrained:
+            warn("finetuning an embedder from random weights: the paper fine-tunes ImageNet-pretrained "
+                 "EfficientNet-b0; give it with --weights or embed.weights (a local .safetensors/.pth), or "
+                 "embed.pretrained: true on a machine that can download")
         if resume:
             stale, finished = run.status()
             if finished and not stale:

@@ -189,7 +189,9 @@ def summary(store, report_path: Path) -> None:
     """The closing table: each candidate's and each ensemble's balanced accuracy, and where things are."""
     from rich.table import Table
 
-    table = Table(title="radpath run: results (out-of-fold)", show_lines=False)
+    table = Table(title="radpath run: results (out-of-fold)", show_lines=False,
+                  caption="Ensembles that select or fit on the OOF predictions score optimistically on them; "
+                          "their nested cross-validation column is the estimate to quote.")
     for col in ("model / ensemble", "members", "balanced acc.", "kappa", "F1 micro", "nested bal. acc."):
         table.add_column(col)
     if store.list_tables("predictions"):

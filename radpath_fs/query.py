@@ -96,7 +96,8 @@ def _check_read_only(con, sql: str):
         raise RadpathError(f"expected one SQL statement, got {len(statements)}")
     kind = _statement_kind(con, statements[0])
     if kind not in READ_ONLY_STATEMENTS:
-        raise RadpathError(f"radpath query is read-only: {kind} statements are not allowed (only queries)")
+        raise RadpathError(f"radpath query is read-only: {kind} statements are not allowed (only queries, "
+                           "and EXPLAIN [ANALYZE] of a query)")
     return statements[0]
 
 

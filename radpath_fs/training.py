@@ -159,24 +159,41 @@ def _remove(store, rel: str) -> None:
         store.fs.rm(store.path(rel))
 
 
-def stale_snapshots(store, model_ids: list[str], fingerprint: str) -> dict[str, str]:
+def stale_snapshots(store, model_ids: list[str], fingerprint: str, expect: dict | None = None) -> dict[str, str]:
     """Model id -> why it must be trained (again), for the snapshots that are not of the run
-    `fingerprint` identifies; reads only their config.json."""
-    stale = {}
+    `fingerprint` identifies, or whose config.json differs from `expect`; reads only config.json.
+
+    Snapshots from before fingerprints were recorded are kept, with a warning: they are what the
+    earlier version trained, and retraining them unasked could cost GPU days (`--no-resume` does).
+    """
+    stale, legacy = {}, []
     for model_id in model_ids:
         rel = f"models/{check_name(model_id, 'model id')}/config.json"
         if not store.exists(rel):
             stale[model_id] = "missing"
-        elif store.read_json(rel).get(FINGERPRINT) != fingerprint:
+            continue
+        config = store.read_json(rel)
+        wrong = [f"made with {k} {config.get(k)!r}, now {v!r}" for k, v in (expect or {}).items() if config.get(k) != v]
+        if wrong:
+            stale[model_id] = wrong[0]
+        elif FINGERPRINT not in config:
+            legacy.append(model_id)
+        elif config[FINGERPRINT] != fingerprint:
             stale[model_id] = "trained with another config or case list"
+    if legacy:
+        warn(f"{', '.join(legacy)}: made by an earlier radpath_fs, which recorded no training fingerprint; "
+             "kept as they are (--no-resume retrains them)")
     return stale
 
 
 def warn_retraining(stale: dict[str, str]) -> None:
-    """Say which existing snapshots a run is about to replace (missing ones are just trained)."""
-    replaced = sorted(m for m, why in stale.items() if why != "missing")
-    if replaced:
-        warn(f"{', '.join(replaced)}: {stale[replaced[0]]}; retraining (their prediction tables are redone)")
+    """Say which existing snapshots a run is about to replace, and why (missing ones are just trained)."""
+    by_reason: dict[str, list[str]] = {}
+    for model_id, why in sorted(stale.items()):
+        if why != "missing":
+            by_reason.setdefault(why, []).append(model_id)
+    for why, ids in by_reason.items():
+        warn(f"{', '.join(ids)}: {why}; retraining (their prediction tables are redone)")
 
 
 def load_checkpoint(store, model_id: str) -> tuple[dict, dict]:

@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import typer
 from fusion_data import simulate_tables
 from test_ingest import make_cohort, snapshot, write_slide, write_volume
 from test_mri import _affine, _nan
 from test_tile import blank_slide
 from typer.testing import CliRunner
 
-from radpath_fs.cli import app
+from radpath_fs.cli import _user_errors, _with_options, app
 from radpath_fs.cohort import ingest
-from radpath_fs.config import IngestConfig, load_config
+from radpath_fs.config import IngestConfig, PredictConfig, TileConfig, load_config
 from radpath_fs.predictions import write_predictions
 from radpath_fs.store import LOCK_NAME, Store
 from radpath_fs.wsi import tile_store
@@ -279,6 +280,52 @@ def test_cases_cover_every_kind_of_input():
     kinds = {name.split()[0] for name in CASES}
     assert kinds == {"slide", "volume", "labels", "config", "option", "predictions", "store", "case", "model"}
     assert len(CASES) >= 25
+
+
+def test_only_a_commands_own_options_are_blamed_on_its_options(capsys):
+    def stored_config():  # say, the predict section of a bundle.json
+        PredictConfig.model_validate({"chunk": 1})
+
+    def bad_option():
+        _with_options(TileConfig(), codec="png")
+
+    for fn, message in ((stored_config, "error: invalid configuration: chunk: unknown key"),
+                        (bad_option, "error: radpath bundle export options: codec:")):
+        with pytest.raises(typer.Exit):
+            _user_errors("bundle export", fn)()
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("error:") == 1, err
+
+
+# DESIGN.md's command line: every command takes --store; those that compute also take --scheduler
+# and --device. Each row: the command with its other required arguments ({tmp}: a scratch folder),
+# whether it computes, and the error it reaches once its options are parsed (nothing is there).
+CONTRACT = {
+    "ingest": (["ingest", "{tmp}/data"], False, "data folder does not exist"),
+    "tile": (["tile"], True, "not a radpath store"),
+    "embed": (["embed"], True, "not a radpath store"),
+    "train-wsi": (["train-wsi", "--mag", "20", "--fold", "0"], True, "not a radpath store"),
+    "train-mri": (["train-mri", "--fold", "0"], True, "not a radpath store"),
+    "predict": (["predict", "--model", "wsi-mag20-fold0-e49"], True, "not a radpath store"),
+    "fuse": (["fuse"], False, "not a radpath store"),
+    "query": (["query", "SELECT 1"], False, "not a radpath store"),
+    "report": (["report"], False, "not a radpath store"),
+    "run": (["run", "{tmp}/pipeline.yaml"], True, "cannot read the config"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTRACT))
+def test_every_command_takes_the_options_design_md_gives_it(tmp_path, name):
+    argv, computes, words = CONTRACT[name]
+    options = ["--store", str(tmp_path / "nowhere"), *(["--scheduler", "threads", "--device", "cpu"] * computes)]
+    result = invoke([a.format(tmp=tmp_path) for a in argv] + options)
+    assert result.exit_code == 2 and words in result.stderr, result.output
+
+
+def test_the_contract_lists_every_command():
+    # synth writes a cohort folder, not a store; predict-case reads a bundle; bundle is a group.
+    commands = set(typer.main.get_command(app).commands)
+    assert commands == set(CONTRACT) | {"synth", "predict-case", "bundle"}
 
 
 # ---- --skip-errors: the batch finishes and its failures are listed in a table ------------------

@@ -53,6 +53,7 @@ def test_demo_pipeline_loads():
         ({"fusion": {"method": "magic"}}, "fusion.method", "soft_vote"),
         ({"data": {"synth": {"class_proportions": {"X": 1}}}}, "data.synth.class_proportions", "unknown classes"),
         ({"bogus_section": {}}, "bogus_section", "unknown key"),
+        ({"scheduler": "local4"}, "scheduler", "expected one of sync, threads, processes, local:N"),
     ],
 )
 def test_config_errors_name_the_key(data, key, words):

@@ -147,7 +147,11 @@ BAD_INPUTS = {
                "CPM19_TCIA01_002_1.tiff: µm/px unknown"),
     "unsafe id": (lambda d: write_slide(d, "bad id!"), "case id 'bad id!' is not safe"),
     "label without data": (lambda d: (d / "labels.csv").write_text((d / "labels.csv").read_text() + "CPM19_X_9_1,A,1\n"),
-                           "case CPM19_X_9_1 has a label but no slide and no MRI"),
+                           "case CPM19_X_9_1 is listed in the labels CSV but has no slide and no MRI"),
+    # A row without a class is an unlabelled case: the message must not claim it has a label.
+    "classless row without data": (
+        lambda d: (d / "labels.csv").write_text((d / "labels.csv").read_text() + "CPM19_X_9_1,,1\n"),
+        "case CPM19_X_9_1 is listed in the labels CSV but has no slide and no MRI"),
 }
 
 

@@ -351,6 +351,25 @@ def test_a_changed_head_setting_retrains_and_its_predictions_are_redone(tmp_path
     assert store.read_json(f"models/{model_id}/config.json")["head"]["dropout"] == 0.1
     assert not any(Path(p).exists() for p in tables) and pending_predictions(store) == [model_id]
     assert wsi_is_current(store, changed, 20, 0) and not wsi_is_current(store, cfg, 20, 0)
+    # Embeddings made again (other normalisation statistics) are other inputs: another run.
+    group = zarr.open_group(store.zarr_store("embeddings.zarr"), path=embedder_id(cfg.embed), mode="r+")
+    for case in store.cases()["case_id"]:
+        group[f"{case}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
+    assert not wsi_is_current(store, changed, 20, 0)
+    for case in store.cases()["case_id"]:
+        group[f"{case}/20"].attrs["transform"] = PLANTED_TRANSFORM
+    assert wsi_is_current(store, changed, 20, 0)
+    # Snapshots of an earlier version (no fingerprint recorded) are kept as they are, with a warning.
+    config_json = Path(store.path("models", model_id, "config.json"))
+    config_json.write_text(json.dumps({k: v for k, v in json.loads(config_json.read_text()).items()
+                                       if k != "training_fingerprint"}))
+    state_json = Path(store.path("models", "wsi-mag20-fold0", "resume", "state.json"))
+    state = json.loads(state_json.read_text())
+    state_json.write_text(json.dumps({**state, "fingerprint": {k: v for k, v in state["fingerprint"].items()
+                                                               if k != "inputs"}}))
+    capsys.readouterr()
+    assert wsi_is_current(store, changed, 20, 0) and not wsi_is_current(store, cfg, 20, 0)
+    assert "made by an earlier radpath_fs" in " ".join(capsys.readouterr().err.split())
     # Another case list (the folds reassigned) is another run too.
     cases = store.read_table("cases")
     store.write_table("cases", cases.assign(fold=np.where(cases["fold"] >= 0, (cases["fold"] + 1) % 3, -1)))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +18,7 @@ from scipy import ndimage
 
 from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.config import MRITrainConfig, PipelineConfig
-from radpath_fs.errors import BatchErrors, InputError
+from radpath_fs.errors import BatchErrors, InputError, StoreError
 from radpath_fs.mri import (
     MRI_ZARR,
     is_cached,
@@ -506,6 +508,30 @@ def test_a_changed_setting_retrains_and_its_predictions_are_redone(tmp_path, coh
     assert not all(torch.equal(before[k], after[k]) for k in before)
     assert not any(Path(p).exists() for p in tables) and pending_predictions(store) == [model_id]
     assert mri_is_current(store, changed, fold=0) and not mri_is_current(store, cfg, fold=0)
+
+    # A model of the preprocessing before RAS reorientation is retrained, and never predicts.
+    conf = Path(store.path("models", model_id, "config.json"))
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "preprocess_version": 1}))
+    assert not mri_is_current(store, changed, fold=0)
+    with pytest.raises(StoreError, match="preprocessing version 1.*retrain it with `radpath train-mri`"):
+        predict_mri(store, changed, model_id, None, "cpu")
+    capsys.readouterr()
+    train_mri(store.url, changed, fold=0, device="cpu")
+    assert "made with preprocess_version 1, now 2; retraining" in " ".join(capsys.readouterr().err.split())
+    # A case that failed preprocessing in a `skip_errors` run and was mended since is not cached:
+    # train_mri must look at it (it joins the training cases), so the run is not current.
+    t1 = Path(rows[0]["mri_t1"])
+    good = t1.read_bytes()
+    shutil.rmtree(store.path("mri.zarr", str(rows[0]["case_id"])))
+    t1.write_bytes(good[:100])
+    train_mri(store.url, changed, fold=0, device="cpu", skip_errors=True)
+    t1.write_bytes(good)
+    assert not mri_is_current(store, changed, fold=0, skip_errors=True)
+    capsys.readouterr()
+    train_mri(store.url, changed, fold=0, device="cpu", skip_errors=True)
+    assert "trained with another config or case list; retraining" in " ".join(capsys.readouterr().err.split())
+    assert str(rows[0]["case_id"]) in load_checkpoint(store, model_id)[1]["train_cases"] + \
+        load_checkpoint(store, model_id)[1]["heldout_cases"]
 
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])

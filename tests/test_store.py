@@ -111,6 +111,10 @@ def test_unreadable_lock_file_is_stale_only_once_it_stays_unreadable(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
     assert not lock.exists()
+    # No lock left, only a lock temporary of a writer killed while making its lock: swept too.
+    (tmp_path / ".tmp-lock-4567cdef").write_text("{}")
+    with s.lock("x"):
+        assert not (tmp_path / ".tmp-lock-4567cdef").exists()
 
 
 def test_a_lock_is_never_seen_without_its_holder(tmp_path):

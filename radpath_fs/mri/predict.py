@@ -12,9 +12,15 @@ import pandas as pd
 import torch
 
 from radpath_fs.config import MRITrainConfig, PipelineConfig
-from radpath_fs.errors import RadpathError
+from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader, volume_bytes
-from radpath_fs.mri.preprocess import MRI_ERRORS, is_cached, preprocess_cases, recorded_errors
+from radpath_fs.mri.preprocess import (
+    MRI_ERRORS,
+    PREPROCESS_VERSION,
+    is_cached,
+    preprocess_cases,
+    recorded_errors,
+)
 from radpath_fs.mri.train import Runtime, build_network, predict_logits
 from radpath_fs.predict import default_splits, split_cases
 from radpath_fs.predictions import SPLITS, prediction_table, write_predictions
@@ -48,6 +54,13 @@ def predict_mri(
     state, config = load_checkpoint(store, model_id)
     if config.get("modality") != "mri":
         raise RadpathError(f"{store.path('models', model_id)}: modality {config.get('modality')!r}, not an MRI model")
+    made_with = config.get("preprocess_version")
+    if made_with != PREPROCESS_VERSION:
+        raise StoreError(
+            f"{store.path('models', model_id)}: trained on MRI preprocessing version {made_with}, which this "
+            f"radpath_fs (version {PREPROCESS_VERSION}: volumes reoriented to RAS) no longer makes; retrain it "
+            "with `radpath train-mri`"
+        )
     mcfg = MRITrainConfig.model_validate(config["mri"])
     fold, snapshot = int(config["fold"]), int(config["snapshot"])
     cases = store.cases()

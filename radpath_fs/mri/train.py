@@ -209,7 +209,7 @@ def _ids(part: pd.DataFrame) -> list[str]:
 
 
 def _training_status(store: Store, cfg: PipelineConfig, fold: int, fingerprint: str) -> tuple[dict[str, str], bool]:
-    """(snapshot id -> why it must be trained, whether the saved state is of this run, finished).
+    """(snapshot id -> why it must be trained, whether the saved state, if any, is of this run and finished).
 
     The snapshots are written before the epoch's history and state: a run killed in between has
     all of them but must still finish that epoch's records. No state (none kept): the snapshots decide.
@@ -219,7 +219,8 @@ def _training_status(store: Store, cfg: PipelineConfig, fold: int, fingerprint: 
         meta.get("fingerprint") == fingerprint and int(meta.get("epoch", -1)) + 1 >= cfg.mri.epochs
     )
     ids = [mri_model_id(fold, e) for e in cfg.mri.snapshot_epochs()]
-    return stale_snapshots(store, ids, fingerprint), finished
+    # A model of older preprocessing (before RAS reorientation) cannot read today's cache.
+    return stale_snapshots(store, ids, fingerprint, {"preprocess_version": PREPROCESS_VERSION}), finished
 
 
 def _usable(store: Store, mcfg: MRITrainConfig, parts, skip_errors: bool):
@@ -232,9 +233,15 @@ def _usable(store: Store, mcfg: MRITrainConfig, parts, skip_errors: bool):
 
 def mri_is_current(store_url: str | Store, cfg: PipelineConfig, *, fold: int, skip_errors: bool = False) -> bool:
     """Whether `train_mri` would find nothing to train: snapshots and state of this config and
-    case list. Reads the cases table and small metadata only (no volume, no preprocessing)."""
+    case list. Reads the cases table and small metadata only (no volume, no preprocessing).
+
+    A case with MRI not yet cached is not decided here: `train_mri` preprocesses first (with
+    `skip_errors`, a case that failed before and was mended since joins the training cases).
+    """
     store = store_url if isinstance(store_url, Store) else Store(store_url)
-    train, val = _usable(store, cfg.mri, fold_cases(store.cases(), fold), skip_errors)
+    train, val = fold_cases(store.cases(), fold)
+    if not all(is_cached(store, str(c), cfg.mri) for part in (train, val) for c in part["case_id"]):
+        return False
     stale, finished = _training_status(store, cfg, fold, _fingerprint(cfg, fold, train, val))
     return finished and not stale
 
