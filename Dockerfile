@@ -1,4 +1,6 @@
-# radpath_fs in a container, for off-the-shelf prediction with a bundle (every other command works too).
+# radpath_fs in a container, for off-the-shelf prediction with a bundle (every other command works too,
+# except `embed.compile: true`: torch.compile needs a C compiler, which these images lack; predict-case
+# never compiles).
 #
 #   radpath bundle export --store S --config PIPELINE.yaml --out bundle      (on the machine with the store)
 #   docker build -t radpath .

@@ -5,17 +5,20 @@
 
     B/bundle.json                       format version, classes, the ensemble (id, method, members,
                                         weights), each member's models, the tile recipe, the
-                                        embedders (name, weights hash, seed, transform and
-                                        per-magnification normalisation), the predict settings and
-                                        seed, each MRI member's preprocessing, and a manifest of
-                                        every file with its size and SHA-256
+                                        embedders (name, weights hash, seed, and per magnification
+                                        the transform their models were trained on), the predict
+                                        settings and seed, each MRI member's preprocessing (its
+                                        models' version), and a manifest of every file with its
+                                        size and SHA-256
     B/store.json                        so that B opens as a (read-only, models-only) store
     B/models/<model_id>/                model.safetensors + config.json of every member's models
-    B/embedders/<embedder_id>/<file>    embedder weights of head-mode slide models, when they are
-                                        not random (random weights are rebuilt from name + seed)
+    B/embedders/<embedder_id>/model.safetensors   the embedder of head-mode slide models (always
+                                        shipped: random or timm weights rebuilt on another machine
+                                        could differ)
 
 `radpath predict-case --bundle B CASE_DIR` runs one case end to end with the store's own code:
-the slide is tiled (`wsi.tile_case`), embedded (`embed.embed_cases`) and classified by each slide
+the slide is tiled (`wsi.tile_case`), embedded (`embed.embed_cases`, with the shipped weights,
+uncompiled, in batches sized for one case on the device) and classified by each slide
 model with the paper's inference protocol (`predict.slide_votes`: the same per-(model, case)
 seeds as `radpath predict`), all in a temporary store that is deleted afterwards; the MRI is
 preprocessed (`mri.preprocess_case`) and classified by each DenseNet. Each member's probability is
@@ -59,32 +62,38 @@ from radpath_fs.store import LAYOUT_VERSION, Store, check_name, mag_key
 
 BUNDLE_JSON = "bundle.json"
 FORMAT = "radpath-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every embedder's weights shipped; MRI members carry their models' preprocess version
 # Methods whose fused probability is a vote of the members with the weights in ensembles.parquet.
 VOTE_METHODS = ("soft_vote", "hard_vote", "prune", "greedy", "exhaustive")
 MODEL_FILES = ("model.safetensors", "config.json")
+EMBEDDER_FILE = "model.safetensors"
 
 
 # ---- export ------------------------------------------------------------------------------------
 def choose_ensemble(store: Store, ensemble_id: str | None) -> dict:
-    """A row of tables/ensembles.parquet: by id, else by experiment name (latest), else the primary."""
+    """A row of tables/ensembles.parquet: by id, else by experiment name (latest), else the primary
+    (`fusion.cli.primary_id`, as the report and the run summary take it)."""
+    from radpath_fs.fusion.cli import primary_id
+
     if not store.has_table("ensembles"):
         raise StoreError(f"{store.path(store.table_rel('ensembles'))}: no ensembles; run `radpath fuse` first")
     table = store.read_table("ensembles").sort_values("created", ascending=False, kind="stable")
     if ensemble_id is None:
         rows = table[table["primary"]]
+        chosen = primary_id(table)
         what = "primary ensemble"
     else:
         rows = table[table["id"] == ensemble_id]
         if rows.empty:
             rows = table[table["experiment"] == ensemble_id]
+        chosen = None if rows.empty else rows["id"].iloc[0]
         what = f"ensemble {ensemble_id!r}"
     if rows.empty:
         raise RadpathError(f"{store.path(store.table_rel('ensembles'))}: no {what}; ensembles are "
                            f"{', '.join(table['id'])}")
     if len(rows) > 1:
-        warn(f"{len(rows)} rows match the {what} (several `radpath fuse` runs); taking the latest, {rows['id'].iloc[0]}")
-    row = rows.iloc[0].to_dict()
+        warn(f"{len(rows)} rows match the {what} (several `radpath fuse` runs); taking the latest, {chosen}")
+    row = table[table["id"] == chosen].iloc[0].to_dict()
     for key in ("members", "candidates", "weights"):
         row[key] = None if row[key] is None else [x.item() if hasattr(x, "item") else x for x in row[key]]
     return row
@@ -104,25 +113,64 @@ def _member_models(store: Store, member) -> tuple[list[str], dict[str, dict]]:
     return chosen, {m: configs[m] for m in chosen}
 
 
+def _preprocess_version(config: dict) -> int:
+    # MRI models made before the version was recorded were made with version 1.
+    return int(config.get("preprocess_version", 1))
+
+
+def _check_preprocess_version(where: str, config: dict, then: str = "") -> None:
+    """Refuse an MRI model of another preprocessing than this radpath_fs gives a case's volumes."""
+    from radpath_fs.mri.preprocess import PREPROCESS_VERSION
+
+    made = _preprocess_version(config)
+    if made != PREPROCESS_VERSION:
+        raise StoreError(f"{where}: its MRI model was trained on version-{made} preprocessing, and this radpath_fs "
+                         f"preprocesses with version {PREPROCESS_VERSION}; retrain with `radpath train-mri`{then}")
+
+
+def _recorded_settings(store: Store, name: str) -> dict | None:
+    """The predict settings a prediction table records in its schema metadata; None for a table
+    written before they were recorded."""
+    import pyarrow.parquet as pq
+
+    from radpath_fs.predict import PREDICT_METADATA
+
+    with store.fs.open(store.path(store.table_rel(name)), "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return json.loads(meta[PREDICT_METADATA]) if PREDICT_METADATA in meta else None
+
+
 def _check_predict_settings(store: Store, configs: dict[str, dict], cfg) -> None:
-    """The WSI tables record their repeats: a config that is not the one `radpath predict` used
-    would give other numbers, so it is refused here rather than found out later."""
+    """A config other than the one `radpath predict` used would give other numbers than the fused
+    rows: refused here, naming the setting and the table, rather than found out later."""
+    from radpath_fs.predict import predict_settings
     from radpath_fs.predictions import table_name
 
-    seeds = sorted({int(c["seed"]) for c in configs.values() if "seed" in c})
-    if seeds and seeds != [int(cfg.seed)]:
-        warn(f"the models were trained with seed {', '.join(map(str, seeds))} and the config says {cfg.seed}: "
-             "predict-case draws tiles with the config's seed, as `radpath predict` with this config would")
+    unchecked = []
     for mid in sorted(configs):
+        wanted = predict_settings(cfg, configs[mid])
         for split in ("val", "test", "oof"):
-            if store.has_table(table_name(mid, split)):
-                df = store.read_table(table_name(mid, split))
-                if "repeats" in df and len(df) and (df["repeats"] != cfg.predict.repeats).any():
-                    raise ConfigError(
-                        f"{store.path(store.table_rel(table_name(mid, split)))}: predicted with "
-                        f"predict.repeats={int(df['repeats'].iloc[0])}, the config says {cfg.predict.repeats}; "
-                        "pass the pipeline config `radpath predict` used (--config)")
-                break
+            name = table_name(mid, split)
+            if not store.has_table(name):
+                continue
+            where = store.path(store.table_rel(name))
+            recorded, expected = _recorded_settings(store, name), wanted
+            if recorded is None:
+                # An older radpath_fs recorded only the repeats, as a column.
+                unchecked.append(where)
+                df = store.read_table(name)
+                if "repeats" not in df or not len(df):
+                    continue
+                recorded, expected = {"repeats": int(df["repeats"].iloc[0])}, {"repeats": cfg.predict.repeats}
+            for key in sorted(expected.keys() | recorded.keys()):
+                if recorded.get(key) != expected.get(key):
+                    section = "" if key == "seed" else "predict."
+                    raise ConfigError(f"{where}: predicted with {section}{key}={recorded.get(key)!r}, the config says "
+                                      f"{expected.get(key)!r}; pass the pipeline config `radpath predict` used (--config)")
+    if unchecked:
+        warn(f"{len(unchecked)} prediction table(s) made by an earlier radpath_fs record no predict settings: "
+             f"the config's seed and predict settings other than the repeats cannot be checked against them (first: {unchecked[0]}); "
+             "rerun `radpath predict` to record them")
 
 
 def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
@@ -157,45 +205,72 @@ def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
                                       level: attrs["compression_level"], "magnifications": chain}).model_dump(mode="json")
 
 
+def _training_embedding_attrs(store: Store, eid: str, config: dict) -> dict | None:
+    """The attributes of the store's embeddings of one of a model's training cases, if any are complete."""
+    from radpath_fs.embed import embedding_attrs, embedding_is_complete
+
+    mag = float(config["magnification"])
+    case = next((k for k in config.get("train_cases") or [] if embedding_is_complete(store, eid, k, mag)), None)
+    return None if case is None else embedding_attrs(store, eid, case, mag)
+
+
 def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> dict:
-    """What rebuilds a head-mode model's embedder: its config, weights and per-magnification transform."""
-    from radpath_fs.embed import embedding_attrs, embedding_is_complete, weights_hash
+    """A head-mode model's embedder: its config, its weights and, per magnification, the transform
+    its models were trained on.
+
+    The weights are always shipped (embedders/<id>/model.safetensors): rebuilt elsewhere, random
+    ones depend on that machine's timm and torch versions and pretrained ones on timm's source.
+    """
+    from safetensors.torch import save_file
+
+    from radpath_fs.config import EmbedConfig
+    from radpath_fs.embed import create_embedder, embedder_record, weights_hash
 
     first = configs[0]
     embed = dict(first["embed"])
     record = {"id": eid, "name": embed["name"], "weights_hash": first["embedder"]["weights_hash"],
-              "seed": embed["seed"], "embed": embed, "file": None, "transform": {}}
+              "seed": embed["seed"], "embed": embed, "file": f"embedders/{eid}/{EMBEDDER_FILE}", "transform": {}}
+    unrecorded = []
     for c in configs:
-        mag = float(c["magnification"])
-        mk = mag_key(mag)
-        if mk in record["transform"]:
-            continue
-        case = next((k for k in c.get("train_cases") or [] if embedding_is_complete(store, eid, k, mag)), None)
-        if case is None:
-            raise StoreError(f"{store.path('embeddings.zarr', eid)}: no complete embeddings of {c['model_id']}'s "
-                             f"training cases at magnification {mk}; the normalisation cannot be read")
-        record["transform"][mk] = embedding_attrs(store, eid, case, mag)["transform"]
-    folder = out / "embedders" / eid
-    if embed.get("weights"):
-        src = Path(embed["weights"])
-        if not src.is_file():
-            raise InputError(src, f"weights file of embedder {eid} not found; the bundle needs it")
-        if weights_hash(src) != record["weights_hash"]:
-            raise InputError(src, f"weights changed since the embeddings were made (hash {weights_hash(src)}, "
-                                  f"embedder {eid} was {record['weights_hash']})")
-        folder.mkdir(parents=True)
-        shutil.copyfile(src, folder / src.name)
-        record["file"] = f"embedders/{eid}/{src.name}"
-    elif embed.get("pretrained"):
-        # timm's pretrained weights (its cache on this machine): saved, so predict-case never downloads.
-        from safetensors.torch import save_file
-
-        from radpath_fs.embed import create_embedder
-
-        model = create_embedder(embed["name"], pretrained=True)
-        folder.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"))
-        record["file"] = f"embedders/{eid}/weights.safetensors"
+        mk = mag_key(float(c["magnification"]))
+        trained_on = c.get("embedding_transform")
+        if trained_on is None:  # a model made before it was recorded: the store's embeddings tell
+            unrecorded.append(c["model_id"])
+            made = _training_embedding_attrs(store, eid, c)
+            if made is None:
+                raise StoreError(f"{store.path('embeddings.zarr', eid)}: no complete embeddings of {c['model_id']}'s "
+                                 f"training cases at magnification {mk}, and its config.json records no embedding "
+                                 "transform; the normalisation cannot be read")
+            trained_on = made["transform"]
+        if record["transform"].setdefault(mk, trained_on) != trained_on:
+            raise StoreError(f"{store.path('models', c['model_id'], 'config.json')}: trained on embeddings made "
+                             f"with transform {trained_on} at {mk}x, another member model on "
+                             f"{record['transform'][mk]} (the store was embedded again between them); retrain "
+                             "them with `radpath train-wsi`")
+    if unrecorded:
+        warn(f"{', '.join(unrecorded)}: made by an earlier radpath_fs, which did not record the embedding "
+             f"transform; the bundle takes embedder {eid}'s from the store's embeddings")
+    weights = embed.get("weights")
+    if weights:
+        if not Path(weights).is_file():
+            raise InputError(weights, f"weights file of embedder {eid} not found; the bundle needs it")
+        if weights_hash(weights) != record["weights_hash"]:
+            raise InputError(weights, f"weights changed since the embeddings were made (hash {weights_hash(weights)}, "
+                                      f"embedder {eid} was {record['weights_hash']})")
+    elif (made := _training_embedding_attrs(store, eid, first)) is not None:
+        # Rebuilt here from the name (and seed): the same weights only with the versions that embedded.
+        now = embedder_record(EmbedConfig.model_validate(embed))
+        changed = [f"{k} {made.get(k)} then, {now[k]} now" for k in ("timm_version", "torch_version")
+                   if made.get(k) not in (None, now[k])]
+        if changed:
+            warn(f"embedder {eid}: {'; '.join(changed)}; its rebuilt weights may not be those that made the "
+                 "embeddings (export on the machine that embedded the store)")
+    model = create_embedder(embed["name"], weights or None, bool(embed.get("pretrained")), seed=int(embed["seed"]))
+    path = out / record["file"]
+    path.parent.mkdir(parents=True)
+    # Clones: safetensors refuses tensors that share memory.
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(path))
+    record["sha256"] = _sha256(path)
     return record
 
 
@@ -215,7 +290,6 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
     """
     from radpath_fs.config import PipelineConfig
     from radpath_fs.fusion.io import load_fusion_data
-    from radpath_fs.mri.preprocess import PREPROCESS_VERSION
     from radpath_fs.training import config_json
 
     cfg = config or PipelineConfig()
@@ -250,8 +324,10 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
             if m.modality == "wsi":
                 entry["mode"] = cfgs[chosen[0]]["mode"]
             else:
+                for i in chosen:
+                    _check_preprocess_version(store.path("models", i, "config.json"), cfgs[i])
                 mri = cfgs[chosen[0]]["mri"]
-                entry["mri"] = {"preprocess_version": PREPROCESS_VERSION, "modalities": mri["modalities"],
+                entry["mri"] = {"preprocess_version": _preprocess_version(cfgs[chosen[0]]), "modalities": mri["modalities"],
                                 "spatial_size": mri["spatial_size"], "network": mri["network"]}
             members.append(entry)
         wsi = {i: c for i, c in configs.items() if c["modality"] == "wsi"}
@@ -392,6 +468,19 @@ def find_case(case_dir: str | Path, modalities: list[str] | None = None) -> Case
 
 
 # ---- predict-case ------------------------------------------------------------------------------
+# Tiles per embedding batch for one case: the training batch may be sized for a bigger device.
+CASE_BATCH = {"cpu": 32, "cuda": 256}
+
+
+def _case_embed_config(bstore: Store, e: dict, dev) -> dict:
+    """A bundle embedder's embed config for one case: its shipped weights; never compiled (a compile
+    costs more than one case's tiles take, and needs a C compiler that the container lacks); a
+    batch sized for the device (in eval mode, embeddings do not depend on it beyond float rounding)."""
+    batch = min(int(e["embed"]["batch_size"]), CASE_BATCH["cuda" if dev.type == "cuda" else "cpu"])
+    return {**e["embed"], "weights": bstore.local_path(e["file"]), "pretrained": False, "compile": False,
+            "batch_size": batch}
+
+
 def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: CaseFiles, dev, mpp: float | None,
                          cfg) -> dict[str, dict]:
     """Per slide model: {probabilities, votes, tiles}; models whose magnification has no tissue get none."""
@@ -417,23 +506,24 @@ def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: C
             warn(f"magnification {mag_key(mag)} skipped: {why}")
         work_ids = {}
         for eid, e in spec["embedders"].items():
-            ecfg = {**e["embed"], "weights": str(bstore.local_path(e["file"])) if e["file"] else None,
-                    "pretrained": False}
+            ecfg = _case_embed_config(bstore, e, dev)
             work_ids[eid] = embedder_id(EmbedConfig.model_validate(ecfg))
             stats = {mk: (t["mean"], t["std"]) for mk, t in e["transform"].items()}
             embed_cases([case.case_id], store_url=work.url, cfg=ecfg, mag_keys=sorted(stats, key=float),
                         stats=stats, device=str(dev))
-            for mk, record in e["transform"].items():
-                if embedding_is_complete(work, work_ids[eid], case.case_id, float(mk)):
-                    made = embedding_attrs(work, work_ids[eid], case.case_id, float(mk))["transform"]
-                    if made != record:
-                        raise StoreError(f"{bstore.path(BUNDLE_JSON)}: embedder {eid} at {mk}x rebuilt with transform "
-                                         f"{made}, the bundle records {record}; re-export the bundle")
         for member in members:
             for mid in member["model_ids"]:
                 model, config = load_wsi_model(bstore, mid, dev)
                 if config["mode"] == "head":
-                    config = {**config, "embedder": {**config["embedder"], "id": work_ids[config["embedder"]["id"]]}}
+                    eid, mag = config["embedder"]["id"], float(config["magnification"])
+                    trained_on = config.get("embedding_transform") or spec["embedders"][eid]["transform"][mag_key(mag)]
+                    if embedding_is_complete(work, work_ids[eid], case.case_id, mag):
+                        made = embedding_attrs(work, work_ids[eid], case.case_id, mag)["transform"]
+                        if made != trained_on:
+                            raise StoreError(f"{bstore.path(BUNDLE_JSON)}: embedder {eid} made this case's embeddings "
+                                             f"at {mag_key(mag)}x with transform {made}, model {mid} was trained on "
+                                             f"{trained_on}; re-export the bundle")
+                    config = {**config, "embedder": {**config["embedder"], "id": work_ids[eid]}}
                 ids, v, tiles = slide_votes(work, cfg, mid, model, config, [case.case_id], dev, "case")
                 if ids:
                     out[mid] = {"probabilities": _cast(v["probs"][0]), "votes": v["votes"][0].astype(int).tolist(),
@@ -488,13 +578,19 @@ def predict_case(bundle: str | Path, case_dir: str | Path, device: str = "auto",
     members = spec["members"]
     wsi = [m for m in members if m["modality"] == "wsi"]
     mri = [m for m in members if m["modality"] == "mri"]
+    bstore = Store(bundle)
+    if spec.get("radpath_fs_version") != __version__:
+        warn(f"{bundle / BUNDLE_JSON}: exported by radpath_fs {spec.get('radpath_fs_version')}, this is {__version__}; "
+             "its tiling, embedding or preprocessing may have changed since, and the numbers with it")
+    for mid in (i for m in mri for i in m["model_ids"]):
+        _check_preprocess_version(bstore.path("models", mid, "config.json"), bstore.read_json(f"models/{mid}/config.json"),
+                                  then=", then export the bundle again")
     modalities = sorted({x for m in mri for x in m["mri"]["modalities"]}, key=list(MODALITIES).index)
     case = find_case(case_dir, modalities)
     if (case.slide is None or not wsi) and (case.mri is None or not mri):
         needs = " and ".join(w for w, ms in (("a slide", wsi), ("the MRI", mri)) if ms)
         raise InputError(case_dir, f"the ensemble's members read {needs}, and the folder holds none of it; "
                                    f"expected {LAYOUTS}")
-    bstore = Store(bundle)
     cfg = PipelineConfig(seed=spec["seed"], predict=PredictConfig.model_validate(spec["predict"]))
     info(f"case {case.case_id}: slide {case.slide or '-'}, MRI {'yes' if case.mri else '-'}; "
          f"ensemble {spec['ensemble']['id']} on {dev}")

@@ -15,6 +15,7 @@ model with a held-out fold) and every unlabelled split in the cases table.
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Sequence
 
@@ -233,6 +234,25 @@ def slide_votes(store: Store, cfg, model_id: str, model, config: dict, case_ids:
     return [source.case_ids[i] for i in keep], vote(logits), tiles
 
 
+# Schema metadata key of a slide model's prediction table: the settings its numbers were made with.
+PREDICT_METADATA = b"radpath.predict"
+
+
+def predict_settings(cfg, config: dict) -> dict:
+    """The settings of `radpath predict` that decide a slide model's numbers, beyond float rounding.
+
+    A head-only model's only randomness is the tile subsets; a fine-tuned one augments each chunk
+    of `batch_tiles` tiles with one draw of the generator, so there the chunk size counts too.
+    """
+    p = cfg.predict
+    settings = {"seed": int(cfg.seed), "repeats": p.repeats, "tiles_per_slide": p.tiles_per_slide}
+    if config["mode"] == "finetune":
+        settings["augment"] = p.augment
+        if p.augment:
+            settings["batch_tiles"] = p.batch_tiles
+    return settings
+
+
 def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split: str, part: pd.DataFrame, dev) -> str:
     mag, p = float(config["magnification"]), cfg.predict
     ids, v, tiles = slide_votes(store, cfg, model_id, model, config, [str(c) for c in part["case_id"]], dev, split)
@@ -246,7 +266,9 @@ def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split:
         fold=int(config["fold"]), split=split, case_ids=ids, labels=labels, logits=v["logits"], probs=v["probs"],
         extra=extra,
     )
-    path = write_predictions(store, table)
+    # Metadata, not columns: the contract fixes the columns, and `radpath bundle export` checks these.
+    meta = {**(table.schema.metadata or {}), PREDICT_METADATA: json.dumps(predict_settings(cfg, config)).encode()}
+    path = write_predictions(store, table.replace_schema_metadata(meta))
     info(f"{model_id} {split}: {len(ids)} slides x {p.repeats} repeats -> {path}")
     return path
 

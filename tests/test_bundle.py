@@ -2,12 +2,14 @@
 synthetic case gives the class and probabilities that `radpath predict` + `radpath fuse` gave for
 it, writes nothing to the store, and bad bundles or case folders fail with one clear message."""
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -17,8 +19,10 @@ from radpath_fs.bundle import BUNDLE_JSON, export_bundle, predict_case, read_bun
 from radpath_fs.cli import app
 from radpath_fs.config import load_config
 from radpath_fs.embed import normalization_stats
-from radpath_fs.errors import InputError, RadpathError
+from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
 from radpath_fs.pipeline import run_pipeline
+from radpath_fs.predict import PREDICT_METADATA, predict_settings
+from radpath_fs.predictions import SCHEMA
 from radpath_fs.store import Store, mag_key
 
 # The chain is the same code on both sides; the slack covers float32 tables and summation order.
@@ -112,12 +116,20 @@ def test_bundle_holds_the_primary_ensemble(built):
     # Every tiled magnification down to the coarsest member's: a level is reduced from the finer ones.
     assert spec["tile"]["magnifications"] == [m for m in (20.0, 10.0) if m >= min(mags)]
     assert spec["tile"]["tile_size"] == cfg.tile.tile_size
-    (embedder,) = spec["embedders"].values()
-    assert embedder["file"] is None and embedder["name"] == "mobilenetv3_small_050" and embedder["seed"] == 0
+    (eid, embedder), = spec["embedders"].items()
+    assert embedder["name"] == "mobilenetv3_small_050" and embedder["seed"] == 0
+    # Random weights are shipped too: rebuilt from name + seed elsewhere, they may differ.
+    assert embedder["file"] == f"embedders/{eid}/model.safetensors"
+    assert spec["files"][embedder["file"]]["sha256"] == embedder["sha256"]
     assert set(embedder["transform"]) == {mag_key(m) for m in mags}
     for m in mags:  # per magnification: the training tiles' statistics at that magnification
         np.testing.assert_allclose(embedder["transform"][mag_key(m)]["mean"],
                                    normalization_stats(store, cfg.embed, [m])[0], rtol=1e-6)
+    for m in spec["members"]:  # the transform is the one the head models were trained on
+        for mid in m["model_ids"]:
+            config = store.read_json(f"models/{mid}/config.json")
+            if config.get("mode") == "head":
+                assert embedder["transform"][mag_key(config["magnification"])] == config["embedding_transform"]
 
 
 def test_predict_case_equals_predict_and_fuse(built, tmp_path):
@@ -223,3 +235,127 @@ def test_a_damaged_bundle_and_an_empty_case_folder_are_clear_errors(built, tmp_p
     assert err.value.path == str(empty)
     r = runner.invoke(app, ["predict-case", "--bundle", str(bundle), str(empty)])
     assert r.exit_code == 2 and "no slide and no MRI found" in r.output
+
+
+def _edited_copy(bundle: Path, dest: Path, edit=None, files: dict[str, bytes] | None = None) -> Path:
+    """A copy of a bundle with some files and bundle.json changed, the manifest kept in step."""
+    shutil.copytree(bundle, dest)
+    spec = json.loads((dest / BUNDLE_JSON).read_text())
+    for rel, data in (files or {}).items():
+        (dest / rel).write_bytes(data)
+        spec["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if edit is not None:
+        edit(spec)
+    (dest / BUNDLE_JSON).write_text(json.dumps(spec))
+    return dest
+
+
+def _slide_models(spec: dict) -> list[str]:
+    return [mid for m in spec["members"] if m["modality"] == "wsi" for mid in m["model_ids"]]
+
+
+def test_predict_case_embeds_uncompiled_in_case_batches_with_the_shipped_weights(built, tmp_path, monkeypatch):
+    from radpath_fs import embed
+
+    _, _, _, store, bundle = built
+
+    def gpu_training_settings(spec):
+        (e,) = spec["embedders"].values()
+        e["embed"].update(compile=True, batch_size=4096)
+
+    copy = _edited_copy(bundle, tmp_path / "b", gpu_training_settings)
+    made, loaded = [], []
+    real_init, real_load = embed.Embedder.__init__, embed.load_weights
+
+    def init(self, model, device, *, compile=False, batch_size=None):
+        assert not compile, "predict-case compiled the embedder (the container has no C compiler)"
+        made.append(batch_size)
+        real_init(self, model, device, compile=compile, batch_size=batch_size)
+
+    monkeypatch.setattr(embed.Embedder, "__init__", init)
+    monkeypatch.setattr(embed, "load_weights", lambda model, w: (loaded.append(str(w)), real_load(model, w))[1])
+    monkeypatch.setattr(embed, "_EMBEDDERS", {})
+    case = _unlabelled(store)[0]
+    out = predict_case(copy, _case_folder(tmp_path / "case", case, "flat"), device="cpu")
+    spec = read_bundle(copy)
+    (e,) = spec["embedders"].values()
+    assert made == [32] and loaded == [str(copy / e["file"])]  # the shipped weights, not rebuilt from a seed
+    for member in spec["members"]:  # the same numbers as `radpath predict`
+        for mid, model in out["members"][member["name"]]["models"].items():
+            np.testing.assert_allclose(model["probabilities"], _model_probs(store, mid, case["case_id"]), atol=ATOL)
+
+
+def test_a_transform_other_than_the_models_were_trained_on_is_refused(built, tmp_path):
+    _, _, _, store, bundle = built
+
+    def other_statistics(spec):
+        (e,) = spec["embedders"].values()
+        for t in e["transform"].values():
+            t["mean"][0] += 0.01
+
+    copy = _edited_copy(bundle, tmp_path / "b", other_statistics)
+    case = _case_folder(tmp_path / "case", _unlabelled(store)[0], "flat")
+    with pytest.raises(StoreError, match=r"was trained on .*; re-export the bundle"):
+        predict_case(copy, case, device="cpu")
+
+
+def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp_path, monkeypatch, capsys):
+    import radpath_fs.bundle as bundle_mod
+
+    _, _, cfg, store, bundle = built
+    mid = _slide_models(read_bundle(bundle))[0]
+    table = store.path(store.table_rel(f"predictions/{mid}--val"))
+    recorded = json.loads(pq.read_schema(table).metadata[PREDICT_METADATA])
+    assert recorded == predict_settings(cfg, store.read_json(f"models/{mid}/config.json"))
+    assert recorded == {"seed": 0, "repeats": 3, "tiles_per_slide": 8}  # head mode: no augmentation, no chunks
+    assert pq.read_table(table).schema.names[:len(SCHEMA)] == SCHEMA.names  # the contract's columns as they were
+
+    def other(**settings):
+        predict = {k: v for k, v in settings.items() if k != "seed"}
+        return cfg.model_copy(update={"seed": settings.get("seed", cfg.seed),
+                                      "predict": cfg.predict.model_copy(update=predict)})
+
+    for settings, said in (({"tiles_per_slide": 16}, "predict.tiles_per_slide=8"), ({"seed": 5}, "seed=0")):
+        with pytest.raises(ConfigError, match=said) as err:
+            export_bundle(store.url, None, tmp_path / "x", config=other(**settings))
+        assert "predictions/wsi-" in str(err.value) and not (tmp_path / "x").exists()
+    # Tables of an earlier radpath_fs: only their repeats column can be checked; the rest is warned about.
+    monkeypatch.setattr(bundle_mod, "_recorded_settings", lambda store, name: None)
+    with pytest.raises(ConfigError, match="predict.repeats=3"):
+        export_bundle(store.url, None, tmp_path / "x", config=other(repeats=5))
+    capsys.readouterr()
+    export_bundle(store.url, None, tmp_path / "y", config=other(tiles_per_slide=16))
+    assert "cannot be checked" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+
+
+def test_mri_models_of_older_preprocessing_are_refused(built, tmp_path, monkeypatch, capsys):
+    import radpath_fs.predict as predict_mod
+    from radpath_fs.mri.preprocess import PREPROCESS_VERSION
+
+    _, _, cfg, store, _ = built
+    bundle = export_bundle(store.url, "mri", tmp_path / "b-mri", config=cfg)
+    spec = read_bundle(bundle)
+    assert {m["mri"]["preprocess_version"] for m in spec["members"]} == {PREPROCESS_VERSION}
+    case = _case_folder(tmp_path / "case", _unlabelled(store)[0], "flat", slide=False)
+    mid = spec["members"][0]["model_ids"][0]
+    rel = f"models/{mid}/config.json"
+    old = {**json.loads((bundle / rel).read_text()), "preprocess_version": 1}
+    copy = _edited_copy(bundle, tmp_path / "old", files={rel: json.dumps(old).encode()})
+    with pytest.raises(StoreError, match=r"version-1 preprocessing.*`radpath train-mri`, then export the bundle again"):
+        predict_case(copy, case, device="cpu")
+
+    real = predict_mod.model_config
+    for change in ({"preprocess_version": 1}, {"preprocess_version": None}):  # None: made before it was recorded
+        def model_config(store, model_id, change=change):
+            config = {**real(store, model_id), **change}
+            return {k: v for k, v in config.items() if v is not None}
+
+        monkeypatch.setattr(predict_mod, "model_config", model_config)
+        with pytest.raises(StoreError, match=r"its MRI model was trained on version-1 preprocessing.*train-mri"):
+            export_bundle(store.url, "mri", tmp_path / "x", config=cfg)
+        assert not (tmp_path / "x").exists()
+
+    capsys.readouterr()
+    other = _edited_copy(bundle, tmp_path / "other", lambda spec: spec.update(radpath_fs_version="0.0.0"))
+    predict_case(other, case, device="cpu")
+    assert "exported by radpath_fs 0.0.0" in " ".join(capsys.readouterr().err.split())

@@ -95,8 +95,9 @@ def _merge_write(store, name: str, new: pa.Table, key: str, latest_only: str | N
 
 
 def primary_id(ensembles: pd.DataFrame) -> str | None:
-    """The primary ensemble's id: the latest primary row, as `bundle.choose_ensemble` picks it
-    (a table written before `fuse` cleared older runs' flags may hold several)."""
+    """The primary ensemble's id: the latest primary row (a table written before `fuse` cleared
+    older runs' flags may hold several). The one rule: the report, the run summary and
+    `bundle.choose_ensemble` all take it from here."""
     rows = ensembles[ensembles["primary"]].sort_values("created", ascending=False, kind="stable")
     return None if rows.empty else str(rows["id"].iloc[0])
 
