@@ -9,12 +9,14 @@ connection `COPY ... TO` a file, so statements other than queries are refused be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 from radpath_fs.errors import RadpathError
@@ -37,7 +39,42 @@ def _ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
 
-def _view_sql(store: Store) -> dict[str, str]:
+class _Pinned:
+    """Local table files opened once, and read by DuckDB through ``/proc/self/fd``: a scan opens a
+    file more than once (its footer, then its row groups), and a writer replacing the file in
+    between (an atomic rename) would hand it parts of two versions. An open file keeps its version."""
+
+    def __init__(self, store: Store):
+        self.store, self.fds, self.names = store, [], {}
+        self.usable = store.is_local and os.path.isdir("/proc/self/fd")
+
+    def path(self, path: str) -> str:
+        name = _duck_path(self.store, path)
+        if not self.usable:
+            return name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # gone since listed, or too many open files: read by name
+            return name
+        self.fds.append(fd)
+        self.names[f"/proc/self/fd/{fd}"] = name
+        return f"/proc/self/fd/{fd}"
+
+    def filename_sql(self) -> str:
+        """The `filename` column as the store's path, not the pinned one."""
+        if not self.names:
+            return "filename"
+        cases = " ".join(f"WHEN {_sql_string(k)} THEN {_sql_string(v)}" for k, v in self.names.items())
+        return f"CASE filename {cases} ELSE filename END"
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def _view_sql(store: Store, pinned: _Pinned) -> dict[str, str]:
     """View name -> its SELECT, for every table in the store."""
     views: dict[str, str] = {}
     tables = store.path("tables")
@@ -45,14 +82,13 @@ def _view_sql(store: Store) -> dict[str, str]:
         for p in sorted(store.fs.ls(tables, detail=False)):
             name = p.rsplit("/", 1)[1]
             if name.endswith(".parquet") and not name.startswith("."):
-                views[name[: -len(".parquet")]] = (
-                    f"SELECT * FROM read_parquet({_sql_string(_duck_path(store, p))})"
-                )
+                views[name[: -len(".parquet")]] = f"SELECT * FROM read_parquet({_sql_string(pinned.path(p))})"
     files = [store.path(store.table_rel(n)) for n in store.list_tables("predictions")]
     if files:
-        listed = ", ".join(_sql_string(_duck_path(store, f)) for f in files)
+        listed = ", ".join(_sql_string(pinned.path(f)) for f in files)
         views["predictions"] = (
-            f"SELECT * FROM read_parquet([{listed}], union_by_name = true, filename = true)"
+            f"SELECT * REPLACE ({pinned.filename_sql()} AS filename) "
+            f"FROM read_parquet([{listed}], union_by_name = true, filename = true)"
         )
     else:  # an empty view with the contract's columns, so queries on a fresh store still parse
         cols = ", ".join(f"CAST(NULL AS {_DUCKDB_TYPES[str(f.type)]}) AS {_ident(f.name)}" for f in SCHEMA)
@@ -66,10 +102,21 @@ def _duck_path(store: Store, path: str) -> str:
 
 def connect(store_url):
     """A read-only DuckDB connection with every store table as a view."""
-    import duckdb
 
     store = store_url if isinstance(store_url, Store) else Store(store_url)
-    views = _view_sql(store)
+    pinned = _Pinned(store)
+    try:
+        con = _connect(store, _view_sql(store, pinned))
+    except BaseException:
+        pinned.close()
+        raise
+    weakref.finalize(con, pinned.close)  # the files stay open as long as the connection lives
+    return con
+
+
+def _connect(store: Store, views: dict[str, str]):
+    import duckdb
+
     with tempfile.TemporaryDirectory(prefix="radpath-query-") as tmp:
         db = os.path.join(tmp, "views.duckdb")
         con = duckdb.connect(db)

@@ -47,6 +47,18 @@ def store(tmp_path_factory):
     return s
 
 
+def test_a_connection_reads_each_table_as_it_was_when_it_opened(tmp_path):
+    """A scan opens its file more than once; a writer's atomic replace in between must not mix
+    two versions: an open connection keeps reading the version it opened."""
+    store = Store(tmp_path / "s", create=True)
+    store.write_table("cases", pd.DataFrame({"case_id": [f"c{i}" for i in range(1000)], "label": "A"}))
+    con = connect(store.url)
+    store.write_table("cases", pd.DataFrame({"case_id": ["x"], "label": "G"}))
+    assert con.sql("SELECT count(*), min(label) FROM cases").fetchall() == [(1000, "A")]
+    con.close()
+    assert query(store.url, "SELECT count(*) AS n FROM cases").to_pylist() == [{"n": 1}]
+
+
 def _fingerprint(store: Store) -> dict[str, str]:
     root = Path(store.local_path())
     return {
@@ -68,6 +80,8 @@ def test_views_cover_every_table(store):
     t = query(store.url, "SELECT count(*) AS n, count(DISTINCT filename) AS files FROM predictions")
     # 10 members x 5 folds x (oof + val) files, plus the test file.
     assert t.to_pylist() == [{"n": 10 * 40 + 10 * 5 * 5 + 2, "files": n_files}]
+    names = query(store.url, "SELECT DISTINCT filename FROM predictions ORDER BY filename")["filename"].to_pylist()
+    assert names == sorted(store.path(store.table_rel(n)) for n in store.list_tables("predictions"))
     votes = query(
         store.url, "SELECT case_id, votes FROM predictions WHERE votes IS NOT NULL ORDER BY case_id"
     )
