@@ -485,7 +485,7 @@ def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: C
                          cfg) -> dict[str, dict]:
     """Per slide model: {probabilities, votes, tiles}; models whose magnification has no tissue get none."""
     from radpath_fs.cohort import read_slide_info
-    from radpath_fs.config import EmbedConfig, TileConfig
+    from radpath_fs.config import EmbedConfig, TileConfig, validate_stored
     from radpath_fs.embed import embed_cases, embedder_id, embedding_attrs, embedding_is_complete
     from radpath_fs.mil import load_wsi_model
     from radpath_fs.predict import slide_votes
@@ -499,7 +499,7 @@ def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: C
     with tempfile.TemporaryDirectory(prefix="radpath-case-") as tmp:
         work = Store(tmp, create=True)
         summary = tile_case({"case_id": case.case_id, "slide_path": str(case.slide), "slide_mpp": float(native)},
-                            store_url=work.url, cfg=TileConfig.model_validate(spec["tile"]))
+                            store_url=work.url, cfg=validate_stored(TileConfig, spec["tile"], f"{bstore.path(BUNDLE_JSON)}: tile"))
         if summary["status"] == "error":
             raise RadpathError(summary["error"])
         for mag, why in summary["skipped"]:
@@ -534,7 +534,7 @@ def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: C
 def _mri_probabilities(bstore: Store, members: list[dict], case: CaseFiles, device: str) -> dict[str, dict]:
     import torch
 
-    from radpath_fs.config import MRITrainConfig
+    from radpath_fs.config import MRITrainConfig, validate_stored
     from radpath_fs.mri.predict import mri_network
     from radpath_fs.mri.preprocess import preprocess_case
     from radpath_fs.mri.train import predict_logits
@@ -546,7 +546,7 @@ def _mri_probabilities(bstore: Store, members: list[dict], case: CaseFiles, devi
     for member in members:
         for mid in member["model_ids"]:
             state, config = load_checkpoint(bstore, mid)
-            mcfg = MRITrainConfig.model_validate(config["mri"])
+            mcfg = validate_stored(MRITrainConfig, config["mri"], f"{bstore.path('models', mid, 'config.json')}: mri")
             key = json.dumps([mcfg.modalities, list(mcfg.spatial_size)])
             if key not in volumes:
                 volumes[key] = preprocess_case({m: case.mri[m] for m in mcfg.modalities}, mcfg, case.case_id)[0]
@@ -568,7 +568,7 @@ def predict_case(bundle: str | Path, case_dir: str | Path, device: str = "auto",
 
     `mpp`: µm/px of a slide that records none. Writes nothing but a temporary folder it deletes.
     """
-    from radpath_fs.config import PipelineConfig, PredictConfig
+    from radpath_fs.config import PipelineConfig, PredictConfig, validate_stored
     from radpath_fs.fusion.methods import HardVote, SoftVote
     from radpath_fs.training import resolve_device
 
@@ -591,7 +591,7 @@ def predict_case(bundle: str | Path, case_dir: str | Path, device: str = "auto",
         needs = " and ".join(w for w, ms in (("a slide", wsi), ("the MRI", mri)) if ms)
         raise InputError(case_dir, f"the ensemble's members read {needs}, and the folder holds none of it; "
                                    f"expected {LAYOUTS}")
-    cfg = PipelineConfig(seed=spec["seed"], predict=PredictConfig.model_validate(spec["predict"]))
+    cfg = PipelineConfig(seed=spec["seed"], predict=validate_stored(PredictConfig, spec["predict"], f"{bstore.path(BUNDLE_JSON)}: predict"))
     info(f"case {case.case_id}: slide {case.slide or '-'}, MRI {'yes' if case.mri else '-'}; "
          f"ensemble {spec['ensemble']['id']} on {dev}")
     models: dict[str, dict] = {}

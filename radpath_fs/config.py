@@ -271,6 +271,15 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def validate_stored(model: type[BaseModel], data: object, source: str):
+    """`model.model_validate(data)` for a config read from a file the store or a bundle holds:
+    an error names that file and the key (a file of another radpath_fs version, say)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
 def parse_config(data: object, source: str = "<config>") -> PipelineConfig:
     if data is None:
         data = {}

@@ -274,6 +274,6 @@ def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split:
 
 
 def _wsi_section(config: dict):
-    from radpath_fs.config import WSITrainConfig
+    from radpath_fs.config import WSITrainConfig, validate_stored
 
-    return WSITrainConfig.model_validate(config["wsi"])
+    return validate_stored(WSITrainConfig, config["wsi"], f"models/{config['model_id']}/config.json: wsi")

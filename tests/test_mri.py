@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.config import MRITrainConfig, PipelineConfig
-from radpath_fs.errors import BatchErrors, InputError, StoreError
+from radpath_fs.errors import BatchErrors, ConfigError, InputError, StoreError
 from radpath_fs.mri import (
     MRI_ZARR,
     is_cached,
@@ -509,8 +509,14 @@ def test_a_changed_setting_retrains_and_its_predictions_are_redone(tmp_path, coh
     assert not any(Path(p).exists() for p in tables) and pending_predictions(store) == [model_id]
     assert mri_is_current(store, changed, fold=0) and not mri_is_current(store, cfg, fold=0)
 
-    # A model of the preprocessing before RAS reorientation is retrained, and never predicts.
+    # A stored config another version wrote is an error naming that file and the key.
     conf = Path(store.path("models", model_id, "config.json"))
+    good = json.loads(conf.read_text())
+    conf.write_text(json.dumps({**good, "mri": {**good["mri"], "bogus": 1}}))
+    with pytest.raises(ConfigError, match=r"models/mri-fold0-e1/config\.json: mri: bogus: unknown key"):
+        predict_mri(store, changed, model_id, None, "cpu")
+    conf.write_text(json.dumps(good))
+    # A model of the preprocessing before RAS reorientation is retrained, and never predicts.
     conf.write_text(json.dumps({**json.loads(conf.read_text()), "preprocess_version": 1}))
     assert not mri_is_current(store, changed, fold=0)
     with pytest.raises(StoreError, match="preprocessing version 1.*retrain it with `radpath train-mri`"):

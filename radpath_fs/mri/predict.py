@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from radpath_fs.config import MRITrainConfig, PipelineConfig
+from radpath_fs.config import MRITrainConfig, PipelineConfig, validate_stored
 from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader, volume_bytes
 from radpath_fs.mri.preprocess import (
@@ -61,7 +61,7 @@ def predict_mri(
             f"radpath_fs (version {PREPROCESS_VERSION}: volumes reoriented to RAS) no longer makes; retrain it "
             "with `radpath train-mri`"
         )
-    mcfg = MRITrainConfig.model_validate(config["mri"])
+    mcfg = validate_stored(MRITrainConfig, config["mri"], f"{store.path('models', model_id, 'config.json')}: mri")
     fold, snapshot = int(config["fold"]), int(config["snapshot"])
     cases = store.cases()
     wanted = default_splits(cases, fold, "mri") if splits is None else list(splits)
