@@ -48,11 +48,11 @@ from radpath_fs.training import (
     fingerprint_hash,
     inverse_frequency_weights,
     load_safetensors_bytes,
+    nothing_to_train,
     resolve_device,
     save_checkpoint,
     seed_everything,
     stale_snapshots,
-    warn_retraining,
     write_history,
     wsi_model_id,
 )
@@ -827,7 +827,9 @@ class WSITrainer(WSIRun):
             info(f"{self.run_id} epoch {epoch + 1}: loss {record['loss']:.4f}, train bal. acc "
                  f"{record['train_balanced_accuracy']:.3f}, val bal. acc {record['val_balanced_accuracy']:.3f}")
         # Snapshots written before a crash are not rewritten by the resumed run.
-        for mid, why in stale_snapshots(self.store, self.model_ids, fingerprint).items():
+        stale = stale_snapshots(self.store, self.model_ids, fingerprint)
+        if stale:
+            mid, why = min(stale.items())
             raise RadpathError(f"{self.store.path('models', mid)}: snapshot {why} after training")
         return self.model_ids
 
@@ -871,16 +873,11 @@ def train_wsi(
             warn("finetuning an embedder from random weights: the paper fine-tunes ImageNet-pretrained "
                  "EfficientNet-b0; give it with --weights or embed.weights (a local .safetensors/.pth), or "
                  "embed.pretrained: true on a machine that can download")
-        if resume:
-            stale, finished = run.status()
-            if finished and not stale:
-                state = run.read_state()
-                if state is not None:  # a run killed right after its last state.json left the one before
-                    run.drop_states_but(state["file"])
-                info(f"{run.run_id}: snapshots {', '.join(run.model_ids)} are up to date; nothing to train "
-                     "(--no-resume retrains)")
-                return run.model_ids
-            warn_retraining(stale)
+        if resume and nothing_to_train(run.run_id, run.model_ids, *run.status()):
+            state = run.read_state()
+            if state is not None:  # a run killed right after its last state.json left the one before
+                run.drop_states_but(state["file"])
+            return run.model_ids
         trainer = WSITrainer(store, cfg, magnification, fold, mode, None, dev, run=run)
         try:
             return trainer.fit(resume=resume)

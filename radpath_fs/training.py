@@ -19,7 +19,7 @@ import pandas as pd
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import InputError, RadpathError
-from radpath_fs.progress import warn
+from radpath_fs.progress import info, warn
 from radpath_fs.store import check_name
 
 
@@ -186,14 +186,19 @@ def stale_snapshots(store, model_ids: list[str], fingerprint: str, expect: dict 
     return stale
 
 
-def warn_retraining(stale: dict[str, str]) -> None:
-    """Say which existing snapshots a run is about to replace, and why (missing ones are just trained)."""
+def nothing_to_train(run_id: str, model_ids: list[str], stale: dict[str, str], finished: bool) -> bool:
+    """Whether a run's snapshots and saved state are current, said either way: "up to date", or
+    which existing snapshots it is about to replace and why (missing ones are just trained)."""
+    if finished and not stale:
+        info(f"{run_id}: snapshots {', '.join(model_ids)} are up to date; nothing to train (--no-resume retrains)")
+        return True
     by_reason: dict[str, list[str]] = {}
     for model_id, why in sorted(stale.items()):
         if why != "missing":
             by_reason.setdefault(why, []).append(model_id)
     for why, ids in by_reason.items():
         warn(f"{', '.join(ids)}: {why}; retraining (their prediction tables are redone)")
+    return False
 
 
 def load_checkpoint(store, model_id: str) -> tuple[dict, dict]:

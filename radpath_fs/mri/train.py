@@ -40,11 +40,11 @@ from radpath_fs.training import (
     inverse_frequency_weights,
     load_safetensors_bytes,
     mri_model_id,
+    nothing_to_train,
     resolve_device,
     save_checkpoint,
     seed_everything,
     stale_snapshots,
-    warn_retraining,
     write_history,
 )
 
@@ -286,13 +286,8 @@ def train_mri(
         if len(train) < 2:
             raise RadpathError(f"fold {fold}: {len(train)} labelled case(s) with MRI to train on; at least 2 are needed")
         fingerprint = _fingerprint(cfg, fold, train, val)
-        if resume:
-            stale, finished = _training_status(store, cfg, fold, fingerprint)
-            if finished and not stale:
-                info(f"{rid}: snapshots {sorted(snapshot_ids.values())} are up to date; nothing to train "
-                     "(--no-resume retrains)")
-                return list(snapshot_ids.values())
-            warn_retraining(stale)
+        if resume and nothing_to_train(rid, list(snapshot_ids.values()), *_training_status(store, cfg, fold, fingerprint)):
+            return list(snapshot_ids.values())
         return _train(store, cfg, fold, train, val, resolve_device(device), resume, snapshot_ids, fingerprint)
 
 
