@@ -813,19 +813,24 @@ class WSITrainer(WSIRun):
             last, history = loaded
             start = last + 1
             info(f"{self.run_id}: resuming after epoch {last + 1}/{self.w.epochs}")
-        info(f"{self.run_id}: {self.mode} on {len(self.train_ids)} slides ({len(self.val_ids)} held out), "
-             f"device {self.device}")
-        for epoch in range(start, self.w.epochs):
-            record = self.train_epoch(epoch)
-            record["val_balanced_accuracy"] = self.validate()
-            history.append(record)
-            if epoch in snapshots:
-                save_checkpoint(self.store, wsi_model_id(self.magnification, self.fold, epoch),
-                                self.model.state_dict(), self.model_config(epoch), fingerprint)
-            write_history(self.store, self.run_id, history)
-            self.save_state(epoch, history)
-            info(f"{self.run_id} epoch {epoch + 1}: loss {record['loss']:.4f}, train bal. acc "
-                 f"{record['train_balanced_accuracy']:.3f}, val bal. acc {record['val_balanced_accuracy']:.3f}")
+        # One bar for the run and one closing line: the per-epoch figures are in history.parquet.
+        with progress_bar(f"train {self.run_id}", total=self.w.epochs) as advance:
+            advance(start)
+            for epoch in range(start, self.w.epochs):
+                record = self.train_epoch(epoch)
+                record["val_balanced_accuracy"] = self.validate()
+                history.append(record)
+                if epoch in snapshots:
+                    save_checkpoint(self.store, wsi_model_id(self.magnification, self.fold, epoch),
+                                    self.model.state_dict(), self.model_config(epoch), fingerprint)
+                write_history(self.store, self.run_id, history)
+                self.save_state(epoch, history)
+                advance()
+        if history:
+            last = history[-1]
+            info(f"{self.run_id}: {self.mode} on {len(self.train_ids)} slides ({len(self.val_ids)} held out), "
+                 f"{self.device}; last epoch loss {last['loss']:.4f}, train bal. acc "
+                 f"{last['train_balanced_accuracy']:.3f}, held-out bal. acc {last['val_balanced_accuracy']:.3f}")
         # Snapshots written before a crash are not rewritten by the resumed run.
         stale = stale_snapshots(self.store, self.model_ids, fingerprint)
         if stale:

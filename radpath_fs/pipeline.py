@@ -172,6 +172,20 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
     return timings
 
 
+def published_table():
+    """The paper's own figures, in a table of their own: they are not computed from this store."""
+    from rich.table import Table
+
+    from radpath_fs.fusion.reference import PUBLISHED
+
+    table = Table(title="published reference (real CPM-RadPath data; not computed here)")
+    for col in ("reference", "balanced acc.", "kappa", "F1 micro"):
+        table.add_column(col)
+    for r in PUBLISHED:
+        table.add_row(r.label, f"{r.balanced_accuracy:.3f}", f"{r.kappa:.3f}", f"{r.f1_micro:.3f}")
+    return table
+
+
 def _fingerprint(store, rel: str) -> dict[str, list]:
     """Name -> (size, mtime) of every table under `rel`: what a downstream step was computed from."""
     folder = store.path(rel)
@@ -192,7 +206,9 @@ def summary(store, report_path: Path) -> None:
     table = Table(title="radpath run: results (out-of-fold)", show_lines=False,
                   caption="Ensembles that select or fit on the OOF predictions score optimistically on them; "
                           "their nested cross-validation column is the estimate to quote.")
-    for col in ("model / ensemble", "members", "balanced acc.", "kappa", "F1 micro", "nested bal. acc."):
+    nested = ("balanced_accuracy", "kappa", "f1_micro")
+    for col in ("model / ensemble", "members", "balanced acc.", "kappa", "F1 micro", "nested bal. acc. [95% CI]",
+                "nested kappa", "nested F1 micro"):
         table.add_column(col)
     if store.list_tables("predictions"):
         from radpath_fs.fusion.io import load_fusion_data
@@ -202,17 +218,23 @@ def summary(store, report_path: Path) -> None:
         for m, member in enumerate(data.members):
             ok = ~np.isnan(data.oof.P[:, m, 0])
             s = score(data.oof.y[ok], data.oof.P[ok, m].argmax(1), n_boot=0)
-            table.add_row(member.name, str(len(member.model_ids)), f"{s.values['balanced_accuracy']:.3f}",
-                          f"{s.values['kappa']:.3f}", f"{s.values['f1_micro']:.3f}", "")
+            table.add_row(member.name, str(len(member.model_ids)), *(f"{s.values[k]:.3f}" for k in nested))
     if store.has_table("ensembles"):
         from radpath_fs.fusion.cli import primary_id
 
         ens = store.read_table("ensembles")
         primary = primary_id(ens)
         for r in ens.to_dict("records"):
-            table.add_row(("[bold]* " if r["id"] == primary else "") + r["experiment"], f"{r['n_members']}/{r['n_candidates']}",
-                          f"{r['balanced_accuracy']:.3f}", f"{r['kappa']:.3f}", f"{r['f1_micro']:.3f}",
-                          f"{r['nested_balanced_accuracy']:.3f}" if r["fits_on_oof"] else "(no fit)")
+            fits = bool(r["fits_on_oof"])
+            ba = r["nested_balanced_accuracy"]
+            table.add_row(
+                ("[bold]* " if r["id"] == primary else "") + r["experiment"], f"{r['n_members']}/{r['n_candidates']}",
+                *(f"{r[k]:.3f}" for k in nested),
+                f"{ba:.3f} [{r['nested_balanced_accuracy_low']:.3f}, {r['nested_balanced_accuracy_high']:.3f}]"
+                if fits else "(no fit)",
+                *(f"{r['nested_' + k]:.3f}" if fits else "(no fit)" for k in nested[1:]),
+            )
     console.print(table)
+    console.print(published_table())
     info(f"store:  {store.url}")
     info(f"report: {report_path}")

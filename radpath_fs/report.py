@@ -170,11 +170,21 @@ def ensembles_section(ens: pd.DataFrame) -> str:
             "method": r["method"],
             "members": f"{r['n_members']}/{r['n_candidates']}",
             **{name: _ci(r[k], r[f"{k}_low"], r[f"{k}_high"]) for k, name in METRIC_COLUMNS},
-            "nested balanced acc.": _ci(r["nested_balanced_accuracy"], r["nested_balanced_accuracy_low"],
-                                        r["nested_balanced_accuracy_high"]) if r["fits_on_oof"] else "(no fit)",
+            **{f"nested {name}": _ci(r[f"nested_{k}"], r[f"nested_{k}_low"], r[f"nested_{k}_high"])
+               if r["fits_on_oof"] else "(no fit)" for k, name in METRIC_COLUMNS[:3]},
         })
     return ("<h2>Ensembles and ablations (OOF, 95% bootstrap CI)</h2>\n"
             "<p>Methods that select or fit on OOF predictions are also scored by nested cross-validation.</p>\n"
+            + _table(pd.DataFrame(rows)) + "\n" + published_section())
+
+
+def published_section() -> str:
+    from radpath_fs.fusion.reference import PUBLISHED
+
+    rows = [{"reference": r.label, "balanced acc.": f"{r.balanced_accuracy:.3f}", "kappa": f"{r.kappa:.3f}",
+             "F1 micro": f"{r.f1_micro:.3f}"} for r in PUBLISHED]
+    return ("<h3>Published reference (not computed from this store)</h3>\n"
+            "<p>The paper's figures on the real CPM-RadPath 2020 data, for comparison only.</p>\n"
             + _table(pd.DataFrame(rows)))
 
 

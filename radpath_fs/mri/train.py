@@ -353,10 +353,6 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids, fingerpri
         "precision": rt.precision,
         "augment_on": aug_on,
     }
-    info(
-        f"{rid}: {mcfg.network} on {len(train_ids)} cases ({len(val_ids)} held out), epochs {start}..{mcfg.epochs - 1}, "
-        f"batch {mcfg.batch_size}, {rt.precision} on {device}, augmentation on the {aug_on}, {workers} loader workers"
-    )
     track_meta = get_track_meta()
     set_track_meta(False)  # plain tensors through the random transforms: no metadata bookkeeping
     bench = torch.backends.cudnn.benchmark
@@ -380,8 +376,10 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids, fingerpri
         torch.backends.cudnn.benchmark = bench
     last = history[-1] if history else {}
     info(
-        f"{rid}: done; last epoch loss {last.get('train_loss', float('nan')):.4f}"
-        + (f", held-out balanced accuracy {last['val_balanced_accuracy']:.3f}" if "val_balanced_accuracy" in last else "")
+        f"{rid}: {mcfg.network} on {len(train_ids)} cases ({len(val_ids)} held out), batch {mcfg.batch_size}, "
+        f"{rt.precision} on {device}, augmentation on the {aug_on}, {workers} loader workers; "
+        f"last epoch loss {last.get('train_loss', float('nan')):.4f}"
+        + (f", held-out bal. acc {last['val_balanced_accuracy']:.3f}" if "val_balanced_accuracy" in last else "")
     )
     return list(snapshot_ids.values())
 
