@@ -39,7 +39,7 @@ def built(tmp_path_factory):
                            "unlabelled": 2}},
         "ingest": {"folds": 3, "skip_errors": True},
         "tile": {"magnifications": [20, 10]},
-        "embed": {"name": "mobilenetv3_small_050", "batch_size": 32},
+        "embed": {"name": "mobilenetv3_small_050", "weights": "random", "batch_size": 32},
         "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 4, "snapshots": [-1, -2], "lr": 1e-3},
         "predict": {"repeats": 3, "tiles_per_slide": 8},
         "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,

@@ -27,7 +27,7 @@ from radpath_fs.transforms import (
 )
 
 T = 64  # tile size: small tiles keep the CPU tests fast; the code path is the 512 px one
-SMALL = dict(name="resnet18", input_size=48, batch_size=4)
+SMALL = dict(name="resnet18", weights="random", input_size=48, batch_size=4)
 # (case, split, tiles at 20x, tiles at 5x); c_empty has no tissue at 5x, c_val is unlabelled.
 CASES = [("c0", "train", 6, 3), ("c1", "train", 5, 0), ("c_val", "val", 4, 2)]
 
@@ -339,12 +339,13 @@ def test_cli_embed(tmp_path):
 
     store = make_store(tmp_path / "s")
     conf = tmp_path / "p.yaml"
-    conf.write_text("embed:\n  name: resnet18\n  input_size: 48\n  magnifications: [20]\n")
+    conf.write_text("embed:\n  name: resnet18\n  weights: random\n  input_size: 48\n  magnifications: [20]\n")
     res = CliRunner().invoke(app, ["embed", "--store", store.url, "--config", str(conf), "--batch-size", "2",
                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert E.read_embeddings(store, "resnet18-random-s0-c48-dataset", "c1", 20).shape == (5, 512)
-    bad = CliRunner().invoke(app, ["embed", "--store", store.url, "--embedder", "not_a_model", "--device", "cpu"])
+    bad = CliRunner().invoke(app, ["embed", "--store", store.url, "--embedder", "not_a_model", "--weights", "random",
+                                   "--device", "cpu"])
     assert bad.exit_code == 2 and "not a timm model" in bad.output
 
 
