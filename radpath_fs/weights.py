@@ -57,7 +57,10 @@ def _pretrained_cfg(tag: str):
     name = tag.split(".")[0]
     if not timm.is_model(name):
         raise ConfigError(f"{tag!r}: {name} is not a timm model")
-    cfg = timm.models.get_pretrained_cfg(tag)
+    try:
+        cfg = timm.models.get_pretrained_cfg(tag)
+    except RuntimeError:  # timm's word for a tag the model does not have
+        cfg = None
     if cfg is None:
         raise ConfigError(f"{tag!r}: timm has no pretrained weights of that tag; "
                           f"`python -c \"import timm; print(timm.list_pretrained('{name}*'))\"` lists them")
