@@ -349,6 +349,34 @@ def test_cli_embed(tmp_path):
     assert bad.exit_code == 2 and "not a timm model" in bad.output
 
 
+def test_cli_embeds_an_unlabelled_batch_with_either_normalization(tmp_path):
+    from typer.testing import CliRunner
+
+    from radpath_fs.cli import app
+
+    store = make_store(tmp_path / "s")
+    cases = store.cases().assign(label=None, split="val", fold=-1)  # a batch: nobody is labelled
+    store.write_table("cases", cases)
+    conf = tmp_path / "p.yaml"
+    conf.write_text("embed:\n  name: resnet18\n  input_size: 48\n  magnifications: [20]\n")
+    base = ["embed", "--store", store.url, "--config", str(conf), "--weights", "random", "--device", "cpu"]
+    res = CliRunner().invoke(app, [*base, "--normalization", "dataset"])
+    assert res.exit_code == 0, res.output
+    eid = "resnet18-random-s0-c48-dataset"
+    attrs = E.embedding_attrs(store, eid, "c_val", 20)
+    assert attrs["normalization_cases"] == "all" and attrs["weights"] == "random"
+    mean, std = _numpy_stats(store, ["c0", "c1", "c_val"], ["20"])  # every case's tiles, no label involved
+    np.testing.assert_allclose(attrs["transform"]["mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(attrs["transform"]["std"], std, rtol=1e-9)
+    assert store.read_json(E.NORMALIZATION_JSON)["20"]["case_set"] == "all"
+    res = CliRunner().invoke(app, [*base, "--normalization", "imagenet", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    attrs = E.embedding_attrs(store, "resnet18-random-s0-c48-imagenet", "c0", 20)
+    assert attrs["transform"]["mean"] == list(IMAGENET_MEAN) and "normalization_cases" not in attrs
+    bad = CliRunner().invoke(app, [*base, "--normalization", "slide"])
+    assert bad.exit_code == 2 and "normalization" in bad.output
+
+
 def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):
     store = make_store(tmp_path / "s")
     groups = [("c0", "20"), ("c1", "5"), ("c_val", "20")]  # the middle one is empty
