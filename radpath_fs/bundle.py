@@ -163,7 +163,9 @@ def _recorded_config(store: Store, configs: dict[str, dict], owners: dict[str, s
             for key, value in sorted(recorded.items()):
                 first = seen.setdefault(key, (value, owners[mid], where))
                 if first[0] != value:
-                    raise ConfigError(f"members {first[1]} and {owners[mid]} were predicted with other settings: "
+                    who = (f"members {first[1]} and {owners[mid]}" if first[1] != owners[mid]
+                           else f"the models of member {first[1]}")
+                    raise ConfigError(f"{who} were predicted with other settings: "
                                       f"{key}={first[0]!r} ({first[2]}) and {value!r} ({where}); rerun `radpath "
                                       "predict` for one of them")
     settings = {k: v for k, (v, _, _) in seen.items()}
