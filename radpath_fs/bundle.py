@@ -505,8 +505,9 @@ def _case_embed_config(bstore: Store, e: dict, dev) -> dict:
     costs more than one case's tiles take, and needs a C compiler that the container lacks); a
     batch sized for the device (in eval mode, embeddings do not depend on it beyond float rounding)."""
     batch = min(int(e["embed"]["batch_size"]), CASE_BATCH["cuda" if dev.type == "cuda" else "cpu"])
-    return {**e["embed"], "weights": bstore.local_path(e["file"]), "pretrained": False, "compile": False,
-            "batch_size": batch}
+    # The shipped copy is not the fetched file its tag and pin name (same tensors, another name).
+    return {**e["embed"], "weights": bstore.local_path(e["file"]), "weights_tag": None, "pretrained": False,
+            "compile": False, "batch_size": batch}
 
 
 def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: CaseFiles, dev, mpp: float | None,

@@ -7,7 +7,6 @@ Layout (DESIGN.md):
                 the challenge ships it at DATA's root (training_data_classification_labels.csv);
                 without --labels, the one CSV there with this header is taken
 
-
 Every invalid case yields one `InputError` naming the file and the problem. Without --skip-errors
 they are all reported and nothing is written; with it, the cases are kept as excluded rows with
 their reason, so the table says what was left out and why.
@@ -30,7 +29,6 @@ from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, check_name
 
 SLIDE_SUFFIXES = (".tiff", ".tif", ".svs")
-LABEL_COLUMNS = ("CPM_RadPath_2019_ID", "class")
 LABELS_HEADER = ("CPM_RadPath_2019_ID", "class", "age_in_days")
 PLAUSIBLE_MPP = (0.05, 50.0)
 _APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9.]+)")
@@ -146,11 +144,11 @@ def read_labels(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"CPM_RadPath_2019_ID": str, "class": str})
     except pd.errors.EmptyDataError:
-        raise InputError(path, f"labels CSV is empty; expected the header {','.join(LABEL_COLUMNS)},age_in_days") from None
+        raise InputError(path, f"labels CSV is empty; expected the header {','.join(LABELS_HEADER)}") from None
     except Exception as e:
         raise InputError(path, f"not a readable CSV ({e})") from None
     if "CPM_RadPath_2019_ID" not in df.columns:
-        raise InputError(path, f"missing column 'CPM_RadPath_2019_ID'; expected {list(LABEL_COLUMNS)} (+ age_in_days)")
+        raise InputError(path, f"missing column 'CPM_RadPath_2019_ID'; expected {list(LABELS_HEADER[:2])} (+ age_in_days)")
     # DESIGN.md: the class is absent for hidden sets, so no class column, or an empty class, is an
     # unlabelled case (label None).
     df["class"] = df["class"].astype(object).where(df["class"].notna(), None) if "class" in df.columns else None
