@@ -44,7 +44,6 @@ hard_vote) are packed; stacking (stack_lr, stack_xgb) is refused for now.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 import shutil
@@ -59,6 +58,7 @@ from radpath_fs import CLASSES, MODALITIES, __version__
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
 from radpath_fs.progress import info, warn
 from radpath_fs.store import LAYOUT_VERSION, Store, check_name, mag_key
+from radpath_fs.weights import sha256_file
 
 BUNDLE_JSON = "bundle.json"
 FORMAT = "radpath-bundle"
@@ -138,6 +138,39 @@ def _recorded_settings(store: Store, name: str) -> dict | None:
     with store.fs.open(store.path(store.table_rel(name)), "rb") as f:
         meta = pq.read_schema(f).metadata or {}
     return json.loads(meta[PREDICT_METADATA]) if PREDICT_METADATA in meta else None
+
+
+def _recorded_config(store: Store, configs: dict[str, dict], owners: dict[str, str], required: bool):
+    """A PipelineConfig with the seed and predict settings the slide models' prediction tables record
+    (defaults for what none records); None where a table records none and they are not `required`.
+    Members whose tables disagree are a ConfigError naming both."""
+    from radpath_fs.config import PipelineConfig, PredictConfig
+    from radpath_fs.predictions import table_name
+
+    seen: dict[str, tuple[object, str, str]] = {}  # setting -> (value, member, table)
+    for mid in sorted(configs):
+        for split in ("val", "test", "oof"):
+            name = table_name(mid, split)
+            if not store.has_table(name):
+                continue
+            where = store.path(store.table_rel(name))
+            recorded = _recorded_settings(store, name)
+            if recorded is None:
+                if required:
+                    raise ConfigError(f"{where}: records no predict settings (an earlier radpath_fs wrote it); rerun "
+                                      "`radpath predict`, or pass the pipeline config it used (--config)")
+                return None
+            for key, value in sorted(recorded.items()):
+                first = seen.setdefault(key, (value, owners[mid], where))
+                if first[0] != value:
+                    who = (f"members {first[1]} and {owners[mid]}" if first[1] != owners[mid]
+                           else f"the models of member {first[1]}")
+                    raise ConfigError(f"{who} were predicted with other settings: "
+                                      f"{key}={first[0]!r} ({first[2]}) and {value!r} ({where}); rerun `radpath "
+                                      "predict` for one of them")
+    settings = {k: v for k, (v, _, _) in seen.items()}
+    seed = settings.pop("seed", 0)
+    return PipelineConfig(seed=seed, predict=PredictConfig(**settings))
 
 
 def _check_predict_settings(store: Store, configs: dict[str, dict], cfg) -> None:
@@ -250,7 +283,7 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     if unrecorded:
         warn(f"{', '.join(unrecorded)}: made by an earlier radpath_fs, which did not record the embedding "
              f"transform; the bundle takes embedder {eid}'s from the store's embeddings")
-    weights = embed.get("weights")
+    weights = EmbedConfig.model_validate(embed).weights_file
     if weights:
         if not Path(weights).is_file():
             raise InputError(weights, f"weights file of embedder {eid} not found; the bundle needs it")
@@ -270,29 +303,21 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     path.parent.mkdir(parents=True)
     # Clones: safetensors refuses tensors that share memory.
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(path))
-    record["sha256"] = _sha256(path)
+    record["sha256"] = sha256_file(path)
     return record
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Path, *, config=None) -> Path:
     """`radpath bundle export`: pack an ensemble (default: the primary one) into the folder `out`.
 
-    `config` is the PipelineConfig `radpath predict` ran with (its predict settings and seed are
-    what makes predict-case give the same numbers); default: the paper's recipe. Returns `out`.
+    The predict settings and seed (what makes predict-case give the same numbers) are those the
+    members' prediction tables record; `config`, the PipelineConfig `radpath predict` ran with, must
+    agree with them. Returns `out`.
     """
     from radpath_fs.config import PipelineConfig
     from radpath_fs.fusion.io import load_fusion_data
     from radpath_fs.training import config_json
 
-    cfg = config or PipelineConfig()
     store = store_url if isinstance(store_url, Store) else Store(store_url)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / BUNDLE_JSON).is_file())):
@@ -313,11 +338,12 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
     tmp = out.parent / f".tmp-{uuid.uuid4().hex}-{out.name}"
     tmp.mkdir(parents=True)
     try:
-        members, configs = [], {}
+        members, configs, owners = [], {}, {}
         for name, weight in zip(row["members"], weights, strict=True):
             m = by_name[name]
             chosen, cfgs = _member_models(store, m)
             configs.update(cfgs)
+            owners.update(dict.fromkeys(cfgs, name))
             entry = {"name": name, "modality": m.modality, "magnification": m.magnification,
                      "snapshot": m.snapshot, "weight": float(weight), "model_ids": chosen,
                      "folds": [int(cfgs[i]["fold"]) for i in chosen]}
@@ -331,6 +357,8 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
                                 "spatial_size": mri["spatial_size"], "network": mri["network"]}
             members.append(entry)
         wsi = {i: c for i, c in configs.items() if c["modality"] == "wsi"}
+        recorded = _recorded_config(store, wsi, owners, required=config is None)
+        cfg = config or recorded or PipelineConfig()
         _check_predict_settings(store, wsi, cfg)
         for mid in sorted(configs):
             (tmp / "models" / mid).mkdir(parents=True)
@@ -342,7 +370,7 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
                      if c["mode"] == "head" and c["embedder"]["id"] == eid]
             embedders[eid] = _embedder_record(store, eid, group, tmp)
         (tmp / "store.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION, "kind": "bundle"}))
-        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         spec = {
             "format": FORMAT,
@@ -405,7 +433,7 @@ def read_bundle(bundle: str | Path) -> dict:
         path = bundle / rel
         if not path.is_file():
             raise InputError(path, "missing from the bundle (bundle.json lists it); re-export the bundle")
-        if path.stat().st_size != f["bytes"] or _sha256(path) != f["sha256"]:
+        if path.stat().st_size != f["bytes"] or sha256_file(path) != f["sha256"]:
             raise InputError(path, "differs from the file bundle.json lists (size or SHA-256); the bundle is "
                                    "damaged, re-export it")
     return spec
@@ -477,8 +505,9 @@ def _case_embed_config(bstore: Store, e: dict, dev) -> dict:
     costs more than one case's tiles take, and needs a C compiler that the container lacks); a
     batch sized for the device (in eval mode, embeddings do not depend on it beyond float rounding)."""
     batch = min(int(e["embed"]["batch_size"]), CASE_BATCH["cuda" if dev.type == "cuda" else "cpu"])
-    return {**e["embed"], "weights": bstore.local_path(e["file"]), "pretrained": False, "compile": False,
-            "batch_size": batch}
+    # The shipped copy is not the fetched file its tag and pin name (same tensors, another name).
+    return {**e["embed"], "weights": bstore.local_path(e["file"]), "weights_tag": None, "pretrained": False,
+            "compile": False, "batch_size": batch}
 
 
 def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: CaseFiles, dev, mpp: float | None,

@@ -178,7 +178,10 @@ def embed(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
     embedder: str | None = typer.Option(None, "--embedder", help="any timm model name"),
-    weights: Path | None = typer.Option(None, "--weights", help=".safetensors or .pth state dict (tensors only: weights_only loading)"),
+    weights: str | None = typer.Option(None, "--weights", help=".safetensors or .pth state dict (tensors only: "
+                                       "weights_only loading), or `random`"),
+    normalization: str | None = typer.Option(None, "--normalization", help="dataset (the training tiles' mean/std; "
+                                             "every case's when none is labelled) or imagenet"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     device: str = DeviceOpt,
     scheduler: str = SchedulerOpt,
@@ -186,7 +189,10 @@ def embed(
     """Embed every stored tile with a timm model; write embeddings.zarr/<embedder>/<case>/<mag>."""
     from radpath_fs.embed import embed_store
 
-    cfg = _with_options(_config(config).embed, name=embedder, weights=weights, batch_size=batch_size)
+    base = _config(config).embed
+    if weights is not None:  # another file than the config's: its tag and pin are not this one's
+        base = base.model_copy(update={"weights_tag": None})
+    cfg = _with_options(base, name=embedder, weights=weights, normalization=normalization, batch_size=batch_size)
     embed_store(store, cfg, device=device, scheduler=scheduler)
 
 
@@ -303,6 +309,37 @@ def run(
     run_pipeline(load_config(pipeline), store=store, scheduler=scheduler, device=device)
 
 
+weights_app = typer.Typer(help="Embedder weights: fetched once through timm's hub, pinned by SHA-256, checked offline.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@_command("weights fetch", weights_app)
+def weights_fetch(
+    tag: str = typer.Argument(..., help="NAME[.TAG], a timm model with pretrained weights, e.g. efficientnet_b0.ra_in1k"),
+    out: Path = typer.Option(..., "--out", help="folder for <name>.safetensors and its pin <name>.json"),
+):
+    """Download weights through timm (online machine); write them and their pin (SHA-256, source, licence)."""
+    from radpath_fs.progress import info
+    from radpath_fs.weights import fetch, pin_path
+
+    path = fetch(tag, out)
+    info(f"{path} (pinned by {pin_path(path)})")
+
+
+@_command("weights check", weights_app)
+def weights_check(
+    file: Path = typer.Argument(..., help=".safetensors or .pth state dict"),
+    embedder: str = typer.Option(..., "--embedder", help="timm model name the file is for"),
+):
+    """Offline: the file's keys, shapes, output width and SHA-256 as JSON; exit 2 naming keys that do not fit."""
+    import json
+
+    from radpath_fs.weights import check_file
+
+    print(json.dumps(check_file(file, embedder), indent=2))
+
+
 bundle_app = typer.Typer(help="Off-the-shelf bundles: one ensemble packed for `radpath predict-case`.",
                          no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
@@ -313,12 +350,13 @@ def bundle_export(
     store: str = StoreOpt,
     ensemble: str | None = typer.Option(None, "--ensemble", help="ensemble id or experiment (default: the primary)"),
     out: Path = typer.Option(..., "--out", help="bundle folder to write"),
-    config: Path | None = typer.Option(None, "--config", "-c", help="the pipeline YAML `radpath predict` ran with"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="the pipeline YAML `radpath predict` ran with; "
+                                       "default: the settings the prediction tables record (it must agree with them)"),
 ):
     """Pack an ensemble (weights, transforms, normalisation, fusion weights) into one folder."""
     from radpath_fs.bundle import export_bundle
 
-    export_bundle(store, ensemble, out, config=_config(config))
+    export_bundle(store, ensemble, out, config=_config(config) if config else None)
 
 
 @_command("predict-case")

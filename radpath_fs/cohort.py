@@ -4,6 +4,8 @@ Layout (DESIGN.md):
     DATA/Pathology/<ID>.tiff|.tif|.svs
     DATA/Radiology/<ID>/<ID>_{t1,t1ce,t2,flair}.nii.gz
     labels CSV: CPM_RadPath_2019_ID,class,age_in_days   (no class column, or an empty class: unlabelled)
+                the challenge ships it at DATA's root (training_data_classification_labels.csv);
+                without --labels, the one CSV there with this header is taken
 
 Every invalid case yields one `InputError` naming the file and the problem. Without --skip-errors
 they are all reported and nothing is written; with it, the cases are kept as excluded rows with
@@ -12,6 +14,7 @@ their reason, so the table says what was left out and why.
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, check_name
 
 SLIDE_SUFFIXES = (".tiff", ".tif", ".svs")
-LABEL_COLUMNS = ("CPM_RadPath_2019_ID", "class")
+LABELS_HEADER = ("CPM_RadPath_2019_ID", "class", "age_in_days")
 PLAUSIBLE_MPP = (0.05, 50.0)
 _APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9.]+)")
 
@@ -141,11 +144,11 @@ def read_labels(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"CPM_RadPath_2019_ID": str, "class": str})
     except pd.errors.EmptyDataError:
-        raise InputError(path, f"labels CSV is empty; expected the header {','.join(LABEL_COLUMNS)},age_in_days") from None
+        raise InputError(path, f"labels CSV is empty; expected the header {','.join(LABELS_HEADER)}") from None
     except Exception as e:
         raise InputError(path, f"not a readable CSV ({e})") from None
     if "CPM_RadPath_2019_ID" not in df.columns:
-        raise InputError(path, f"missing column 'CPM_RadPath_2019_ID'; expected {list(LABEL_COLUMNS)} (+ age_in_days)")
+        raise InputError(path, f"missing column 'CPM_RadPath_2019_ID'; expected {list(LABELS_HEADER[:2])} (+ age_in_days)")
     # DESIGN.md: the class is absent for hidden sets, so no class column, or an empty class, is an
     # unlabelled case (label None).
     df["class"] = df["class"].astype(object).where(df["class"].notna(), None) if "class" in df.columns else None
@@ -173,6 +176,32 @@ def read_labels(path: Path) -> pd.DataFrame:
             )
         df["age_in_days"] = age
     return df
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def find_labels(data: Path) -> Path | None:
+    """The labels CSV at the root of a cohort folder: the one CSV whose header is the labels header
+    (or part of it with the id column: a hidden set's has no class). Two are an error naming both."""
+    if not data.is_dir():
+        return None
+    found = []
+    for p in sorted(data.iterdir()):
+        if p.suffix.lower() != ".csv" or not p.is_file():
+            continue
+        header = [h.strip() for h in _csv_header(p)]
+        if LABELS_HEADER[0] in header and set(header) <= set(LABELS_HEADER):
+            found.append(p)
+    if len(found) > 1:
+        raise InputError(data, f"{len(found)} labels CSVs ({', '.join(p.name for p in found)}) have the header "
+                               f"{','.join(LABELS_HEADER)}; say which with --labels (data.labels)")
+    return found[0] if found else None
 
 
 def scan(data: Path, labels: Path | None) -> list[CaseRecord]:
@@ -305,6 +334,8 @@ def ingest(
         existing = None  # a new store is made only once the cohort is valid
     if existing is not None:
         existing.check_unlocked()  # a second writer fails now, not after the validation
+    if labels is None and (labels := find_labels(data)) is not None:
+        info(f"labels: {labels} (the CSV at {data} with the labels header; --labels overrides)")
     records = scan(data, labels)
     if not records:
         raise InputError(data, "no cases found")
@@ -335,6 +366,10 @@ def ingest(
     for e in errors:
         warn(f"excluded: {e}")
     kept = df[~df["excluded"]]
+    if len(kept) and kept["label"].isna().all():
+        where = f"in {labels}" if labels else f"and no CSV at {data} has the header {','.join(LABELS_HEADER)}"
+        warn(f"no case is labelled ({where}): nothing can be trained or scored; embedding still works "
+             "(--normalization dataset takes every case's tiles), or ingest again with --labels CSV")
     counts = kept["label"].value_counts().reindex(list(CLASSES), fill_value=0)
     info(
         f"ingested {len(kept)} case(s) ({', '.join(f'{c} {n}' for c, n in counts.items())}, "

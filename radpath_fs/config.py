@@ -98,9 +98,15 @@ class TileConfig(Section):
 
 class EmbedConfig(Section):
     name: str = "efficientnet_b0"
-    weights: Path | None = None
+    # A local .safetensors/.pth, or `random` (timm's initialisation drawn from `seed`). Unset, with
+    # `pretrained: false`, an embedding or finetuning step refuses to start: random weights are
+    # never a silent default.
+    weights: Literal["random"] | Path | None = None
+    # The timm tag a file of `radpath weights fetch` comes from (e.g. efficientnet_b0.ra_in1k): the
+    # JSON that command wrote beside the file pins its SHA-256, and every run checks the file against it.
+    weights_tag: str | None = None
     pretrained: bool = False
-    seed: int = 0  # draws the weights when there is no weights file and pretrained is false
+    seed: int = 0  # draws the weights when they are random
     crop: Literal["center", "resize"] = "center"
     input_size: int = Field(224, ge=8)
     normalization: Literal["dataset", "imagenet"] = "dataset"
@@ -112,6 +118,26 @@ class EmbedConfig(Section):
     # A CPU convolution's float sums depend on how many threads split it: give one number to get
     # byte-identical embeddings under every scheduler and machine.
     cpu_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _weights_source(self):
+        if self.pretrained and self.weights is not None:
+            raise ValueError("give either weights (a local file, or random) or pretrained: true, not both")
+        if self.weights_tag is not None:
+            if self.weights_file is None:
+                raise ValueError(f"weights_tag {self.weights_tag!r} says where a weights file comes from; "
+                                 "set weights: to that file")
+            if self.weights_tag.split(".")[0] != self.name:
+                raise ValueError(f"weights_tag {self.weights_tag!r} is not a tag of the embedder {self.name!r}")
+            # `radpath weights fetch` names its file after the architecture, so the printed command refetches it.
+            if self.weights_file.name != f"{self.name}.safetensors":
+                raise ValueError(f"weights {str(self.weights_file)!r}: a file fetched for {self.weights_tag} is "
+                                 f"named {self.name}.safetensors")
+        return self
+
+    @property
+    def weights_file(self) -> Path | None:
+        return self.weights if isinstance(self.weights, Path) else None
 
 
 class ColorJitterConfig(Section):

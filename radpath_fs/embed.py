@@ -7,7 +7,8 @@
   (``pretrained=True``, online machines), or are random from a seed.
 - `embedder_id(cfg)`: the store name of an embedder, encoding model, weights and transform,
   e.g. ``efficientnet_b0-random-s0-c224-dataset`` or ``efficientnet_b0-w3fa2c1d9e0b7-c224-imagenet``.
-- `tile_normalization(store, mags)`: per-channel mean/std of the training tiles, by a streaming
+- `tile_normalization(store, mags)`: per-channel mean/std of the training tiles (every case's in a
+  cohort without labels), by a streaming
   Dask reduction over tiles.zarr; exact integer moments per magnification are cached in the store.
 - `embed_store(store, cfg)`: one task per slide over any scheduler (`radpath_fs.scheduler`); each
   writes ``embeddings.zarr/<embedder_id>/<case>/<mag>``, (n, L), marked complete last. Reading
@@ -59,7 +60,8 @@ def create_embedder(
     `weights`: a local state dict (.safetensors, or .pth/.pt/.bin read with ``weights_only``);
     classifier keys in it are ignored, any other mismatch is an InputError naming the file and
     the first offending keys. `pretrained=True` downloads through timm (only when asked).
-    Otherwise the weights are timm's random initialisation drawn from `seed` (reproducible).
+    Otherwise (None or ``"random"``) the weights are timm's random initialisation drawn from `seed`
+    (reproducible).
     Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_rate``).
     """
     import timm
@@ -69,6 +71,8 @@ def create_embedder(
         raise ConfigError(
             f"embed.name {name!r}: not a timm model (`python -c \"import timm; print(timm.list_models('*b0*'))\"` lists them)"
         )
+    if isinstance(weights, str) and weights == "random":
+        weights = None
     if weights is not None and pretrained:
         raise ConfigError("embed: give either weights (a local file) or pretrained=True, not both")
     with torch.random.fork_rng(devices=[]):
@@ -86,7 +90,7 @@ def embedding_width(embedder) -> int:
     return int(getattr(embedder, "head_hidden_size", None) or embedder.num_features)
 
 
-def _read_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path) -> dict:
     import torch
 
     from radpath_fs.training import load_safetensors_bytes
@@ -118,7 +122,7 @@ def _read_state_dict(path: Path) -> dict:
 def load_weights(model, weights: str | os.PathLike) -> None:
     """Load a local state dict into a timm model made with ``num_classes=0``; strict apart from the classifier."""
     path = Path(weights)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
         state = {k[len("module."):]: v for k, v in state.items()}
     classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
@@ -146,26 +150,16 @@ def load_weights(model, weights: str | os.PathLike) -> None:
     model.load_state_dict(state, strict=True)
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
 def weights_hash(path: str | os.PathLike | None) -> str:
     """First 12 hex digits of the SHA-256 of a weights file; ``"random"`` for no file."""
+    from radpath_fs.weights import sha256_file
+
     if path is None:
         return "random"
-    p = Path(path)
     try:
-        st = p.stat()
-    except OSError:
-        raise InputError(p, "weights file not found") from None
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()[:12]
-    return _HASHES[key]
+        return sha256_file(path)[:12]
+    except InputError:
+        raise InputError(path, "weights file not found") from None
 
 
 def embedder_id(cfg: EmbedConfig) -> str:
@@ -174,8 +168,8 @@ def embedder_id(cfg: EmbedConfig) -> str:
     Weights part: ``w<sha256[:12]>`` for a file, ``pretrained`` for timm's source, ``random-s<seed>``.
     Transform part: ``c224`` (center crop) or ``r224`` (resize).
     """
-    if cfg.weights is not None:
-        wpart = "w" + weights_hash(cfg.weights)
+    if cfg.weights_file is not None:
+        wpart = "w" + weights_hash(cfg.weights_file)
     elif cfg.pretrained:
         wpart = "pretrained"
     else:
@@ -193,7 +187,7 @@ def embedder_record(cfg: EmbedConfig) -> dict:
         "embedder_id": embedder_id(cfg),
         "model": cfg.name,
         "weights": None if cfg.weights is None else str(cfg.weights),
-        "weights_hash": weights_hash(cfg.weights),
+        "weights_hash": weights_hash(cfg.weights_file),
         "pretrained": cfg.pretrained,
         "seed": cfg.seed,
         "normalization": cfg.normalization,
@@ -228,9 +222,12 @@ def _tile_groups(store: Store, case_id: str, magnifications: list[float] | None)
     return [k for k in present if k in wanted]
 
 
-def _train_cases(store: Store) -> list[str]:
+def normalization_cases(store: Store) -> tuple[list[str], str]:
+    """(cases, which) whose tiles give the dataset normalisation: the training cases ("train"), or,
+    in a cohort without a labelled case (a batch to embed), every case ("all"): no label is involved."""
     cases = store.cases()
-    return sorted(cases.loc[cases["split"] == "train", "case_id"].astype(str))
+    train = sorted(cases.loc[cases["split"] == "train", "case_id"].astype(str))
+    return (train, "train") if train else (sorted(cases["case_id"].astype(str)), "all")
 
 
 # Tiles per Dask task of the normalisation pass; a task reduces them MOMENT_READ at a time.
@@ -257,7 +254,8 @@ def source_fingerprint(store: Store, case_id: str, magnification: float) -> str 
 
 
 def tile_moments(store: Store, magnifications: list[float] | None = None, *, scheduler: str = "threads") -> dict:
-    """Per magnification, exact pixel moments of the training tiles: {mag_key: {n, sum, sumsq, cases}}.
+    """Per magnification, exact pixel moments of the training tiles (every case's in a cohort
+    without a labelled case): {mag_key: {n, sum, sumsq, cases, case_set}}.
 
     One Dask task per block of MOMENT_BLOCK tiles of a group, each reading with `TileReader` and
     returning six integers. Cached in ``stats/tile_moments.json``; an entry is reused while the
@@ -265,7 +263,7 @@ def tile_moments(store: Store, magnifications: list[float] | None = None, *, sch
     """
     import dask
 
-    train = _train_cases(store)
+    train, case_set = normalization_cases(store)
     groups: dict[str, list[tuple[str, int, str | None]]] = {}
     side: dict[str, int] = {}
     for case in train:
@@ -278,8 +276,9 @@ def tile_moments(store: Store, magnifications: list[float] | None = None, *, sch
     wanted = [mag_key(m) for m in magnifications] if magnifications is not None else sorted(groups, key=float)
     missing = [mk for mk in wanted if mk not in groups]
     if missing or not wanted:
+        which = "training cases (split 'train')" if case_set == "train" else "any case"
         raise StoreError(
-            f"{store.path(TILES)}: no complete tile groups of training cases (split 'train') at "
+            f"{store.path(TILES)}: no complete tile groups of {which} at "
             f"magnification(s) {', '.join(missing) or 'any'}; run `radpath tile` first, or use "
             "embed.normalization: imagenet"
         )
@@ -307,6 +306,7 @@ def tile_moments(store: Store, magnifications: list[float] | None = None, *, sch
                 "sum": [int(v) for v in total[0]],
                 "sumsq": [int(v) for v in total[1]],
                 "cases": len(groups[mk]),
+                "case_set": case_set,
                 "groups_hash": key,
             }
         cache = store.read_json(MOMENTS_JSON) if store.exists(MOMENTS_JSON) else {}
@@ -320,7 +320,8 @@ def tile_normalization(
 ) -> tuple[list[float], list[float]]:
     """Per-channel (mean[3], std[3]) of the training tiles at `magnifications` (all if None), in [0, 1].
 
-    Pixels of every training tile (cases with split 'train') at those magnifications are pooled.
+    Pixels of every training tile (cases with split 'train'; every case's where none is labelled)
+    at those magnifications are pooled.
     The result is also written to ``stats/tile_normalization.json`` keyed by the magnifications.
     """
     store = store if isinstance(store, Store) else Store(store)
@@ -337,7 +338,8 @@ def tile_normalization(
         raise StoreError(f"{store.path(TILES)}: the training tiles have a constant channel; use embed.normalization: imagenet")
     key = ",".join(sorted(moments, key=float))
     table = store.read_json(NORMALIZATION_JSON) if store.exists(NORMALIZATION_JSON) else {}
-    entry = {"mean": mean, "std": std, "pixels": int(n), "magnifications": key}
+    entry = {"mean": mean, "std": std, "pixels": int(n), "magnifications": key,
+             "case_set": normalization_cases(store)[1]}
     if table.get(key) != entry:
         table[key] = entry
         store.write_json(NORMALIZATION_JSON, table)
@@ -606,7 +608,7 @@ def _cached_embedder(cfg: EmbedConfig, device) -> Embedder:
     key = (embedder_id(cfg), str(device), cfg.compile, cfg.batch_size)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            model = create_embedder(cfg.name, cfg.weights, cfg.pretrained, seed=cfg.seed)
+            model = create_embedder(cfg.name, cfg.weights_file, cfg.pretrained, seed=cfg.seed)
             _EMBEDDERS[key] = Embedder(model, device, compile=cfg.compile, batch_size=cfg.batch_size)
         return _EMBEDDERS[key]
 
@@ -640,16 +642,18 @@ def embed_cases(
     torch_threads: int | None = None,
     read_processes: int | None = None,
     progress: bool = False,
+    stats_from: str | None = None,
 ) -> dict:
     """Embed every complete tile group of some slides in one stream (a pure task: explicit inputs,
-    and it writes only these slides' arrays).
+    and it writes only these slides' arrays). `stats_from` ("train" or "all", see
+    `normalization_cases`) is recorded in each array's attributes as ``normalization_cases``.
 
     Returns a small summary {written: [[case, mag]], skipped: [...], incomplete_tiles: [...], tiles: n}.
     """
     from radpath_fs.training import cpu_threads
 
     with cpu_threads(torch_threads):
-        return _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress)
+        return _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress, stats_from)
 
 
 class _Group(NamedTuple):
@@ -662,7 +666,7 @@ class _Group(NamedTuple):
     fingerprint: str | None
 
 
-def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress) -> dict:
+def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress, stats_from) -> dict:
     from radpath_fs.progress import progress_bar
     from radpath_fs.training import resolve_device
 
@@ -730,6 +734,8 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
             "dtype": ecfg.dtype,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if stats_from is not None:
+            attrs["normalization_cases"] = stats_from
         _write_embedding(store, _embedding_path(eid, case_id, float(mk)), data, attrs)
         summary["written"].append([case_id, mk])
         summary["tiles"] += int(data.shape[0])
@@ -774,6 +780,7 @@ def embed_store(
     """
     from radpath_fs.scheduler import check_scheduler, map_tasks
     from radpath_fs.training import resolve_device
+    from radpath_fs.weights import check_weights
 
     cfg = cfg or EmbedConfig()
     check_scheduler(scheduler)
@@ -781,8 +788,9 @@ def embed_store(
         raise ConfigError("embed.compile: a compiled model cannot be called from several threads at once; "
                           "use --scheduler sync (one GPU) or cuda (one process per GPU)")
     store = store_url if isinstance(store_url, Store) else Store(store_url)
-    if cfg.weights is not None:
-        create_embedder(cfg.name, cfg.weights, seed=cfg.seed)  # a bad file fails here, before any work
+    check_weights(cfg)
+    if cfg.weights_file is not None:
+        create_embedder(cfg.name, cfg.weights_file, seed=cfg.seed)  # a bad file fails here, before any work
     eid = embedder_id(cfg)
     if scheduler in ("sync", "threads", "processes") or scheduler.startswith("local:"):
         dev = str(resolve_device(device))  # checked here; a remote cluster resolves on its workers
@@ -795,12 +803,17 @@ def embed_store(
         if not mags:
             raise StoreError(f"{store.path(TILES)}: no tile groups to embed; run `radpath tile` first")
         # One normalisation per magnification, matching the per-magnification MIL models.
+        stats_from = None
         if cfg.normalization == "dataset":
             tile_moments(store, [float(mk) for mk in mags])  # one Dask pass for every magnification
+            stats_from = normalization_cases(store)[1]
+            if stats_from == "all":
+                info("no case is labelled: the dataset normalisation is every case's tiles'")
         stats = {mk: normalization_stats(store, cfg, [float(mk)]) for mk in mags}
         root = store.open_zarr(EMBEDDINGS)
         g = root.require_group(eid)
-        g.attrs.update({**embedder_record(cfg), "crop": cfg.crop, "input_size": cfg.input_size})
+        g.attrs.update({**embedder_record(cfg), "crop": cfg.crop, "input_size": cfg.input_size,
+                        "normalization_cases": stats_from})
         todo = [c for c in cases if groups[c]]
         for c in todo:
             g.require_group(c)
@@ -816,6 +829,7 @@ def embed_store(
             cfg=cfg.model_dump(mode="json"),
             mag_keys=mags,
             stats=stats,
+            stats_from=stats_from,
             device=dev,
             torch_threads=torch_threads,
             read_processes=read_processes,
@@ -853,6 +867,7 @@ __all__ = [
     "load_weights",
     "normalization_stats",
     "read_embeddings",
+    "read_state_dict",
     "tile_moments",
     "tile_normalization",
     "weights_hash",

@@ -56,6 +56,7 @@ from radpath_fs.training import (
     write_history,
     wsi_model_id,
 )
+from radpath_fs.weights import check_weights
 
 N_CLASSES = len(CLASSES)
 MODES = ("finetune", "head")
@@ -533,12 +534,12 @@ class WSIRun:
 
         embed_cfg = cfg.embed
         if mode == "finetune" and weights is not None:
-            embed_cfg = embed_cfg.model_copy(update={"weights": Path(weights)})
+            embed_cfg = embed_cfg.model_copy(update={"weights": Path(weights), "weights_tag": None})
         elif mode == "head" and weights is not None:
             warn("--weights is for finetune mode; head mode reads the embeddings cached by `radpath embed`")
         self.embed_cfg = embed_cfg
         self.embedder_id = embedder_id(embed_cfg)
-        self.weights_hash = weights_hash(embed_cfg.weights)
+        self.weights_hash = weights_hash(embed_cfg.weights_file)
 
         available = (_embedding_available(store, self.embedder_id, magnification) if mode == "head"
                      else _tiles_available(store, magnification))
@@ -624,7 +625,7 @@ class WSITrainer(WSIRun):
             self.mean = self.std = None
             self.train_tf = self.eval_tf = None
         else:
-            embedder = create_embedder(embed_cfg.name, weights=embed_cfg.weights, pretrained=embed_cfg.pretrained,
+            embedder = create_embedder(embed_cfg.name, weights=embed_cfg.weights_file, pretrained=embed_cfg.pretrained,
                                        seed=embed_cfg.seed)
             features = embedding_width(embedder)
             # Per magnification, as the embeddings of `radpath embed` are normalised.
@@ -874,10 +875,11 @@ def train_wsi(
     # (measured 70x slower per gather with 2 threads on a busy 2-core box).
     with store.lock("train-wsi"), cpu_threads(1 if mode == "head" and dev.type == "cpu" else None):
         run = WSIRun(store, cfg, magnification, fold, mode, Path(weights) if weights else None)
-        if mode == "finetune" and run.embed_cfg.weights is None and not run.embed_cfg.pretrained:
-            warn("finetuning an embedder from random weights: the paper fine-tunes ImageNet-pretrained "
-                 "EfficientNet-b0; give it with --weights or embed.weights (a local .safetensors/.pth), or "
-                 "embed.pretrained: true on a machine that can download")
+        if mode == "finetune":
+            check_weights(run.embed_cfg)
+            if run.embed_cfg.weights == "random":
+                warn("finetuning an embedder from random weights (embed.weights: random): the paper fine-tunes "
+                     "ImageNet-pretrained EfficientNet-b0 (`radpath weights fetch efficientnet_b0.ra_in1k --out weights`)")
         if resume and nothing_to_train(run.run_id, run.model_ids, *run.status()):
             state = run.read_state()
             if state is not None:  # a run killed right after its last state.json left the one before

@@ -66,8 +66,11 @@ def run_pipeline(
 
 
 def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, device: str | None) -> dict[str, float]:
+    from radpath_fs.errors import RadpathError
     from radpath_fs.store import Store
+    from radpath_fs.weights import check_weights
 
+    check_weights(cfg.embed)  # unsaid, missing or unpinned weights fail here, before any step
     store_url = store or cfg.store
     scheduler = scheduler or cfg.scheduler
     device = device or cfg.device
@@ -81,7 +84,6 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
             lambda: run_synth(data.root, data.synth),
             timings,
         )
-    labels = data.labels or (data.root / "labels.csv" if (data.root / "labels.csv").exists() else None)
 
     def has_cases() -> bool:
         try:
@@ -92,11 +94,14 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
     def ingest() -> None:
         from radpath_fs.cohort import ingest as run_ingest
 
-        run_ingest(store_url, data.root, labels, cfg.ingest, unlabelled_split=data.unlabelled_split)
+        run_ingest(store_url, data.root, data.labels, cfg.ingest, unlabelled_split=data.unlabelled_split)
 
     _step("ingest", "cases table exists" if has_cases() else None, ingest, timings)
     st = Store(store_url)
     cases = st.cases()
+    if not cases["label"].notna().any():
+        raise RadpathError(f"{st.path('tables/cases.parquet')}: no labelled case; the pipeline trains and scores on "
+                           "labels (data.labels names the CSV; `radpath embed` embeds an unlabelled batch)")
     folds = cfg.wsi.folds if cfg.wsi.folds is not None else sorted(int(f) for f in cases["fold"].unique() if f >= 0)
 
     if cases["has_slide"].any():

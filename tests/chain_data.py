@@ -24,7 +24,7 @@ CHAIN = PipelineConfig.model_validate({
     "tile": {"magnifications": [20, 5], "tile_size": 64, "tiles_per_shard": 8},
     # One torch thread per embedding task whatever the scheduler: CPU convolutions sum in an order
     # that depends on the thread count, and the stores are compared byte for byte.
-    "embed": {"name": EMBEDDER, "input_size": 64, "batch_size": 32, "cpu_threads": 1},
+    "embed": {"name": EMBEDDER, "weights": "random", "input_size": 64, "batch_size": 32, "cpu_threads": 1},
     "wsi": {"mode": "head", "epochs": 3, "snapshots": [-1], "lr": 1e-3},
     "predict": {"repeats": 2},
 })

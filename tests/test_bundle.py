@@ -39,7 +39,7 @@ def built(tmp_path_factory):
                            "unlabelled": 2}},
         "ingest": {"folds": 3, "skip_errors": True},
         "tile": {"magnifications": [20, 10]},
-        "embed": {"name": "mobilenetv3_small_050", "batch_size": 32},
+        "embed": {"name": "mobilenetv3_small_050", "weights": "random", "batch_size": 32},
         "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 4, "snapshots": [-1, -2], "lr": 1e-3},
         "predict": {"repeats": 3, "tiles_per_slide": 8},
         "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,
@@ -359,3 +359,45 @@ def test_mri_models_of_older_preprocessing_are_refused(built, tmp_path, monkeypa
     other = _edited_copy(bundle, tmp_path / "other", lambda spec: spec.update(radpath_fs_version="0.0.0"))
     predict_case(other, case, device="cpu")
     assert "exported by radpath_fs 0.0.0" in " ".join(capsys.readouterr().err.split())
+
+
+def _one_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    return line
+
+
+def test_cli_export_without_config_takes_what_the_tables_record(built, tmp_path):
+    _, pipeline, cfg, store, bundle = built
+    before = _snapshot(Path(store.url))
+    r = CliRunner().invoke(app, ["bundle", "export", "--store", store.url, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    spec, ref = read_bundle(tmp_path / "b"), read_bundle(bundle)
+    assert spec["seed"] == ref["seed"] == cfg.seed and spec["predict"] == ref["predict"]
+    assert (spec["predict"]["repeats"], spec["predict"]["tiles_per_slide"]) == (3, 8)  # the pipeline's, not the defaults
+    # --config stays an override, and one that disagrees with the tables is refused.
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load(pipeline.read_text()), "predict": {"repeats": 3, "tiles_per_slide": 16}}))
+    r = CliRunner().invoke(app, ["bundle", "export", "--store", store.url, "--out", str(tmp_path / "c"), "--config", str(other)])
+    assert "predict.tiles_per_slide=8" in _one_error(r) and not (tmp_path / "c").exists()
+    assert _snapshot(Path(store.url)) == before
+
+
+def test_members_whose_tables_disagree_are_an_error_naming_them(built, tmp_path):
+    _, _, _, store, _ = built
+    shutil.copytree(store.url, tmp_path / "store")
+    copy = Store(str(tmp_path / "store"))
+    spec = read_bundle(export_bundle(copy.url, "all", tmp_path / "all", config=None))
+    owner = {mid: m["name"] for m in spec["members"] if m["modality"] == "wsi" for mid in m["model_ids"]}
+    first = min(owner)
+    changed = min(mid for mid in owner if owner[mid] != owner[first])
+    path = copy.path(copy.table_rel(f"predictions/{changed}--val"))
+    table = pq.read_table(path)
+    settings = json.loads(table.schema.metadata[PREDICT_METADATA]) | {"tiles_per_slide": 16}
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, PREDICT_METADATA: json.dumps(settings)}), path)
+    before = _snapshot(tmp_path / "store")
+    r = CliRunner().invoke(app, ["bundle", "export", "--store", copy.url, "--ensemble", "all", "--out", str(tmp_path / "x")])
+    line = _one_error(r)
+    assert f"members {owner[first]} and {owner[changed]}" in line and "tiles_per_slide=8" in line and "16" in line
+    assert f"{changed}--val" in line
+    assert not (tmp_path / "x").exists() and _snapshot(tmp_path / "store") == before

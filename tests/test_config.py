@@ -54,6 +54,12 @@ def test_demo_pipeline_loads():
         ({"data": {"synth": {"class_proportions": {"X": 1}}}}, "data.synth.class_proportions", "unknown classes"),
         ({"bogus_section": {}}, "bogus_section", "unknown key"),
         ({"scheduler": "local4"}, "scheduler", "expected one of sync, threads, processes, local:N"),
+        ({"embed": {"weights_tag": "efficientnet_b0.ra_in1k"}}, "embed", "set weights: to that file"),
+        ({"embed": {"weights": "w/b0.safetensors", "weights_tag": "efficientnet_b0.ra_in1k"}}, "embed",
+         "named efficientnet_b0.safetensors"),
+        ({"embed": {"weights": "weights/efficientnet_b0.safetensors", "weights_tag": "resnet18.a1_in1k"}}, "embed",
+         "not a tag of the embedder"),
+        ({"embed": {"weights": "random", "pretrained": True}}, "embed", "not both"),
     ],
 )
 def test_config_errors_name_the_key(data, key, words):

@@ -27,7 +27,7 @@ from radpath_fs.transforms import (
 )
 
 T = 64  # tile size: small tiles keep the CPU tests fast; the code path is the 512 px one
-SMALL = dict(name="resnet18", input_size=48, batch_size=4)
+SMALL = dict(name="resnet18", weights="random", input_size=48, batch_size=4)
 # (case, split, tiles at 20x, tiles at 5x); c_empty has no tissue at 5x, c_val is unlabelled.
 CASES = [("c0", "train", 6, 3), ("c1", "train", 5, 0), ("c_val", "val", 4, 2)]
 
@@ -339,13 +339,42 @@ def test_cli_embed(tmp_path):
 
     store = make_store(tmp_path / "s")
     conf = tmp_path / "p.yaml"
-    conf.write_text("embed:\n  name: resnet18\n  input_size: 48\n  magnifications: [20]\n")
+    conf.write_text("embed:\n  name: resnet18\n  weights: random\n  input_size: 48\n  magnifications: [20]\n")
     res = CliRunner().invoke(app, ["embed", "--store", store.url, "--config", str(conf), "--batch-size", "2",
                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert E.read_embeddings(store, "resnet18-random-s0-c48-dataset", "c1", 20).shape == (5, 512)
-    bad = CliRunner().invoke(app, ["embed", "--store", store.url, "--embedder", "not_a_model", "--device", "cpu"])
+    bad = CliRunner().invoke(app, ["embed", "--store", store.url, "--embedder", "not_a_model", "--weights", "random",
+                                   "--device", "cpu"])
     assert bad.exit_code == 2 and "not a timm model" in bad.output
+
+
+def test_cli_embeds_an_unlabelled_batch_with_either_normalization(tmp_path):
+    from typer.testing import CliRunner
+
+    from radpath_fs.cli import app
+
+    store = make_store(tmp_path / "s")
+    cases = store.cases().assign(label=None, split="val", fold=-1)  # a batch: nobody is labelled
+    store.write_table("cases", cases)
+    conf = tmp_path / "p.yaml"
+    conf.write_text("embed:\n  name: resnet18\n  input_size: 48\n  magnifications: [20]\n")
+    base = ["embed", "--store", store.url, "--config", str(conf), "--weights", "random", "--device", "cpu"]
+    res = CliRunner().invoke(app, [*base, "--normalization", "dataset"])
+    assert res.exit_code == 0, res.output
+    eid = "resnet18-random-s0-c48-dataset"
+    attrs = E.embedding_attrs(store, eid, "c_val", 20)
+    assert attrs["normalization_cases"] == "all" and attrs["weights"] == "random"
+    mean, std = _numpy_stats(store, ["c0", "c1", "c_val"], ["20"])  # every case's tiles, no label involved
+    np.testing.assert_allclose(attrs["transform"]["mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(attrs["transform"]["std"], std, rtol=1e-9)
+    assert store.read_json(E.NORMALIZATION_JSON)["20"]["case_set"] == "all"
+    res = CliRunner().invoke(app, [*base, "--normalization", "imagenet", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    attrs = E.embedding_attrs(store, "resnet18-random-s0-c48-imagenet", "c0", 20)
+    assert attrs["transform"]["mean"] == list(IMAGENET_MEAN) and "normalization_cases" not in attrs
+    bad = CliRunner().invoke(app, [*base, "--normalization", "slide"])
+    assert bad.exit_code == 2 and "normalization" in bad.output
 
 
 def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):

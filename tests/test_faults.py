@@ -241,7 +241,7 @@ CONFIG = {
     "seed": 0,
     "device": "cpu",
     "tile": {"tile_size": 128, "magnifications": [20, 10], "tiles_per_shard": 8},
-    "embed": {"name": "mobilenetv3_small_050", "input_size": 64, "batch_size": 16},
+    "embed": {"name": "mobilenetv3_small_050", "weights": "random", "input_size": 64, "batch_size": 16},
     "wsi": {"mode": "head", "magnifications": [20], "epochs": 20, "snapshots": [-1, -5], "lr": 1e-3},
     "predict": {"repeats": 3},
     "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 4, "growth_rate": 4,

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import pyvips
+from typer.testing import CliRunner
 
+from radpath_fs.cli import app
 from radpath_fs.cohort import ingest
 from radpath_fs.config import IngestConfig, SynthConfig
 from radpath_fs.errors import BatchErrors, InputError
@@ -234,3 +236,50 @@ def test_cli_exit_code_2_lists_each_problem(tmp_path):
     assert "2 invalid case(s); nothing was written" in r.stderr
     assert "slide file is empty" in r.stderr and "missing MRI modality" in r.stderr
     assert not (tmp_path / "st").exists()
+
+
+def _ingest_cli(data: Path, store: Path):
+    return CliRunner().invoke(app, ["ingest", str(data), "--store", str(store)])
+
+
+def _flat(text: str) -> str:
+    """Console output without whitespace: rich wraps long paths anywhere."""
+    return "".join(text.split())
+
+
+def test_labels_csv_is_found_by_its_header_where_the_challenge_ships_it(tmp_path):
+    data = tmp_path / "data"
+    make_cohort(data).rename(data / "training_data_classification_labels.csv")
+    (data / "notes.csv").write_text("case,comment\nCPM19_CBICA_HID_1,blurry\n")  # another CSV, another header
+    result = _ingest_cli(data, tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    assert _flat(f"labels: {data / 'training_data_classification_labels.csv'}") in _flat(result.output)
+    cases = Store(str(tmp_path / "store")).cases().set_index("case_id")
+    assert cases["label"].notna().sum() == 7 and cases.at["CPM19_TCIA01_000_1", "label"] == "A"
+    assert cases.at["CPM19_TCIA01_000_1", "age_in_days"] == 1000
+
+
+def test_two_labels_csvs_are_an_error_naming_both_and_nothing_is_written(tmp_path):
+    data = tmp_path / "data"
+    labels = make_cohort(data)
+    shutil.copy(labels, data / "training_data_classification_labels.csv")
+    result = _ingest_cli(data, tmp_path / "store")
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "labels.csv" in errors[0] and "training_data_classification_labels.csv" in errors[0]
+    assert "--labels" in errors[0]
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_cohort_without_a_labelled_case_is_warned_about(tmp_path):
+    data = tmp_path / "data"
+    make_cohort(data).unlink()
+    result = _ingest_cli(data, tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    out = _flat(result.output)
+    assert _flat("warning: no case is labelled") in out and _flat(f"no CSV at {data}") in out
+    assert Store(str(tmp_path / "store")).cases()["label"].isna().all()
+    # What follows names that cause, not a missing step.
+    train = CliRunner().invoke(app, ["train-wsi", "--store", str(tmp_path / "store"), "--mode", "head", "--mag", "20",
+                                     "--fold", "0", "--device", "cpu"])
+    assert train.exit_code == 2 and "no labelled case" in train.output and "radpath tile" not in train.output

@@ -65,7 +65,7 @@ def planted_store(path, n: int = 60, unlabelled: int = 4, seed: int = 0):
     df = cases_frame(labels, np.arange(n) % 3, unlabelled)
     store.write_table("cases", df)
     cfg = PipelineConfig.model_validate({
-        "embed": {"name": EMBEDDER}, "wsi": {"mode": "head", "epochs": 30, "lr": 3e-3},
+        "embed": {"name": EMBEDDER, "weights": "random"}, "wsi": {"mode": "head", "epochs": 30, "lr": 3e-3},
         "predict": {"repeats": 4},
     })
     eid = embedder_id(cfg.embed)
@@ -96,7 +96,7 @@ def tile_store(path, n: int = 24, tiles: int = 12, size: int = 48, unlabelled: i
         px = np.clip(px, 0, 255).astype(np.uint8)
         write_tile_group(store, case, 20, px, np.zeros((k, 2)), np.ones(k), {"mpp": 0.5}, tcfg)
     cfg = PipelineConfig.model_validate({
-        "embed": {"name": EMBEDDER, "normalization": "dataset"},
+        "embed": {"name": EMBEDDER, "weights": "random", "normalization": "dataset"},
         "wsi": {"mode": "finetune", "epochs": 8, "snapshots": [-1, -3], "lr": 1e-3, "crop_size": 32,
                 "slides_per_batch": 3, "tiles_per_slide": 8, "loader_threads": 2},
         "predict": {"tiles_per_slide": 8, "repeats": 3, "batch_tiles": 16},
@@ -493,7 +493,7 @@ def synthetic_chain(root, cases: int, unlabelled: int, folds: int, embedder: str
     url = str(root / "store")
     ingest(url, root / "data", root / "data" / "labels.csv", IngestConfig(folds=folds))
     tile_slides(url, TileConfig(tile_size=tile_size, magnifications=list(mags)))
-    embed_store(url, EmbedConfig(name=embedder, input_size=tile_size, batch_size=128), device="cpu")
+    embed_store(url, EmbedConfig(name=embedder, weights="random", input_size=tile_size, batch_size=128), device="cpu")
     return Store(url)
 
 
@@ -506,7 +506,7 @@ def test_real_chain_synth_tile_embed_train_predict(tmp_path):
     store = synthetic_chain(tmp_path, cases=8, unlabelled=2, folds=2, embedder=EMBEDDER)
     url = store.url
     cfg = PipelineConfig.model_validate({
-        "embed": {"name": EMBEDDER, "input_size": 64, "batch_size": 128},
+        "embed": {"name": EMBEDDER, "weights": "random", "input_size": 64, "batch_size": 128},
         "wsi": {"mode": "head", "epochs": 4, "snapshots": [-1], "lr": 1e-3},
         "predict": {"repeats": 3},
     })
@@ -525,7 +525,7 @@ def test_real_chain_synth_tile_embed_train_predict(tmp_path):
     per_case = tiles[tiles["magnification"] == 20].groupby("case_id").size()
     assert (oof.set_index("case_id")["tiles"] == per_case.loc[oof["case_id"]].to_numpy()).all()
     config = store.read_json("models/wsi-mag20-fold0-e3/config.json")
-    assert config["embedder"]["id"] == embedder_id(EmbedConfig(name=EMBEDDER, input_size=64, batch_size=128))
+    assert config["embedder"]["id"] == embedder_id(EmbedConfig(name=EMBEDDER, weights="random", input_size=64, batch_size=128))
 
 
 def out_of_fold_balanced_accuracy(store: Store, cfg: PipelineConfig, mag: float, folds: int) -> tuple[float, int]:
@@ -553,7 +553,7 @@ def accuracy_head_config(embedder: str) -> PipelineConfig:
     paper's 221: a larger step than its 5e-5, whole bags of up to 200 tiles, and lighter dropout
     than 0.5."""
     return PipelineConfig.model_validate({
-        "embed": {"name": embedder, "input_size": 64, "batch_size": 128},
+        "embed": {"name": embedder, "weights": "random", "input_size": 64, "batch_size": 128},
         "wsi": {"mode": "head", "epochs": 60, "snapshots": [-1], "lr": 1e-3, "tiles_per_slide": 200,
                 "head": {"dropout": 0.2}},
         "predict": {"repeats": 5},

@@ -30,7 +30,7 @@ def run(tmp_path_factory):
                  "synth": {"cases": 15, "seed": 1, "wsi_size": [2048, 1536], "mri_size": [32, 32, 24], "unlabelled": 2}},
         "ingest": {"folds": 3, "skip_errors": True},
         "tile": {"magnifications": [20, 10]},
-        "embed": {"name": "mobilenetv3_small_050", "batch_size": 32},
+        "embed": {"name": "mobilenetv3_small_050", "weights": "random", "batch_size": 32},
         "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 6, "snapshots": [-1, -3], "lr": 1e-3},
         "predict": {"repeats": 3},
         "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,

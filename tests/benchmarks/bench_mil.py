@@ -33,7 +33,7 @@ def _store(path) -> tuple[Store, PipelineConfig]:
     store = Store(path, create=True)
     df = cases_frame(labels, np.arange(CASES) % FOLDS)
     store.write_table("cases", df)
-    cfg = PipelineConfig.model_validate({"embed": {"name": "efficientnet_b0"},
+    cfg = PipelineConfig.model_validate({"embed": {"name": "efficientnet_b0", "weights": "random"},
                                          "wsi": {"mode": "head", "epochs": EPOCHS}})
     eid = embedder_id(cfg.embed)
     for case, label in zip(df["case_id"], df["label"], strict=True):
@@ -76,7 +76,7 @@ def test_head_mode_accuracy_on_a_synthetic_cohort(tmp_path):
     store = synthetic_chain(tmp_path, cases=90, unlabelled=0, folds=3, embedder=embedder, seed=1)
     chain_s = time.perf_counter() - t0
     cfg = PipelineConfig.model_validate({
-        "embed": {"name": embedder, "input_size": 64},
+        "embed": {"name": embedder, "weights": "random", "input_size": 64},
         "wsi": {"mode": "head", "epochs": 50, "snapshots": [-1], "lr": 1e-3},
         "predict": {"repeats": 10},
     })

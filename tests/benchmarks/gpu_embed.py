@@ -212,7 +212,7 @@ def run(out_dir: Path | str, device: str = "cuda", **sizes) -> dict:
             res["reader_one_process"] = round(reader_rate(store, ids, bs, size, cuda, 0), 1)
         res["zstd_decode_all_cores"] = round(zstd_decode_rate(p["tile_size"], os.cpu_count() or 1), 1)
 
-        cfg = EmbedConfig(name=p["model"], input_size=size, batch_size=bs, compile=p["compile"])
+        cfg = EmbedConfig(name=p["model"], weights="random", input_size=size, batch_size=bs, compile=p["compile"])
         eid = E.embedder_id(cfg)
         t0 = time.perf_counter()
         E.embed_store(store.url, cfg, device=device, scheduler="sync", read_processes=procs)

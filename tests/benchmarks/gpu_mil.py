@@ -151,7 +151,7 @@ def _pipeline(store, sizes: dict, device) -> dict:
     from radpath_fs.mil import WSITrainer, _epoch_seeds
 
     cfg = PipelineConfig.model_validate({
-        "embed": {"name": sizes["embedder"], "normalization": "dataset"},
+        "embed": {"name": sizes["embedder"], "weights": "random", "normalization": "dataset"},
         "wsi": {"mode": "finetune", "crop_size": sizes["crop"], "slides_per_batch": sizes["slides_per_batch"],
                 "tiles_per_slide": sizes["tiles_per_slide"], "loader_threads": sizes["loader_threads"],
                 "prefetch_batches": sizes["prefetch_batches"]},

@@ -1,0 +1,166 @@
+"""Embedder weights: fetched once through timm's hub, pinned by SHA-256, checked offline.
+
+- `fetch(tag, out)` (`radpath weights fetch NAME[.TAG] --out DIR`, on a machine with internet
+  access): builds the timm model with its pretrained weights and writes ``DIR/<name>.safetensors``
+  and, beside it, ``DIR/<name>.json``: the file's SHA-256, the source tag, timm's pretrained config
+  (mean, std, input size, interpolation) and the licence as timm states it. That JSON is the pin.
+- `check_file(path, embedder)` (`radpath weights check`): offline; the file's keys, shapes, output
+  width and SHA-256, or an InputError naming the keys that do not fit.
+- `check_weights(cfg)`: before any work, an embedder's weights are said (a file, `random`, or
+  `pretrained`), and a fetched file (`embed.weights_tag`) is present and matches its pin.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from radpath_fs.config import EmbedConfig
+from radpath_fs.errors import ConfigError, InputError, RadpathError
+
+PRETRAINED_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct", "crop_mode")
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, hex; remembered while its size and mtime are unchanged."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise InputError(p, "file not found") from None
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def pin_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def fetch_command(tag: str, out: Path) -> str:
+    return f"radpath weights fetch {tag} --out {out}"
+
+
+def _pretrained_cfg(tag: str):
+    import timm
+
+    name = tag.split(".")[0]
+    if not timm.is_model(name):
+        raise ConfigError(f"{tag!r}: {name} is not a timm model")
+    try:
+        cfg = timm.models.get_pretrained_cfg(tag)
+    except RuntimeError:  # timm's word for a tag the model does not have
+        cfg = None
+    if cfg is None:
+        raise ConfigError(f"{tag!r}: timm has no pretrained weights of that tag; "
+                          f"`python -c \"import timm; print(timm.list_pretrained('{name}*'))\"` lists them")
+    return cfg
+
+
+def fetch(tag: str, out: str | os.PathLike) -> Path:
+    """Download `tag`'s weights through timm and its hub; write them and their pin to `out`. Returns the file."""
+    import timm
+    from safetensors.torch import save_file
+
+    cfg = _pretrained_cfg(tag)
+    full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    try:
+        model = timm.create_model(full, pretrained=True)
+    except Exception as e:  # the hub raises its own errors (offline, not found, HTTP); one line says which
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RadpathError(f"{full}: timm could not fetch the weights ({type(e).__name__}: {first})") from None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{cfg.architecture}.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp")
+    # Clones: safetensors refuses tensors that share memory.
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    info = cfg.to_dict()
+    record = {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "tag": full,
+        "hf_hub_id": info.get("hf_hub_id"),
+        "pretrained_cfg": {k: info[k] for k in PRETRAINED_KEYS if k in info},
+        "license": info.get("license"),
+        "timm_version": timm.__version__,
+        "fetched": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    pin_path(path).write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def _read_pin(pin: Path, remedy: str) -> dict:
+    try:
+        record = json.loads(pin.read_text())
+    except FileNotFoundError:
+        raise InputError(pin, f"the pin of the weights file is missing; {remedy}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(pin, f"unreadable pin ({e}); {remedy}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise InputError(pin, f"not a pin written by `radpath weights fetch` (no sha256); {remedy}")
+    return record
+
+
+def verify_pin(path: Path, tag: str | None) -> dict:
+    """The pin of a fetched weights file, after checking the file against it (and its tag against `tag`)."""
+    pin = pin_path(path)
+
+    def remedy(again: bool = False, source: str | None = tag) -> str:
+        return (f"fetch it {'again' if again else 'once'} on a machine with internet access: "
+                f"{fetch_command(source or '<tag>', path.parent)}")
+
+    if not path.is_file():
+        raise InputError(path, f"weights file not found; {remedy()}")
+    record = _read_pin(pin, remedy())
+    if tag is not None and record.get("tag") != tag:
+        raise InputError(pin, f"pins weights of {record.get('tag')!r}, and embed.weights_tag is {tag!r}; {remedy()}")
+    digest = sha256_file(path)
+    if digest != record["sha256"]:
+        raise InputError(path, f"sha256 {digest} does not match its pin {record['sha256']} ({pin}); "
+                               f"{remedy(True, tag or record.get('tag'))}")
+    return record
+
+
+def check_weights(cfg: EmbedConfig) -> None:
+    """Refuse, before any work, an embedder whose weights are unsaid, missing or not the pinned file."""
+    if cfg.weights is None and not cfg.pretrained:
+        raise ConfigError(
+            f"embed.weights is not set: name a weights file ({fetch_command(f'{cfg.name}.<tag>', Path('weights'))} "
+            "fetches timm's), or say `random` (--weights random) for random weights")
+    if cfg.weights_tag is not None:
+        verify_pin(cfg.weights_file, cfg.weights_tag)
+    elif cfg.weights_file is not None and not cfg.weights_file.is_file():
+        raise InputError(cfg.weights_file, "weights file not found (embed.weights)")
+
+
+def check_file(path: str | os.PathLike, embedder: str) -> dict:
+    """What a weights file holds and whether it fits `embedder`: an InputError naming the offending keys if not."""
+    from radpath_fs.embed import create_embedder, embedding_width, read_state_dict
+
+    path = Path(path)
+    state = read_state_dict(path)
+    model = create_embedder(embedder, path)
+    report = {
+        "file": str(path),
+        "embedder": embedder,
+        "sha256": sha256_file(path),
+        "output_width": embedding_width(model),
+        "keys": len(state),
+        "shapes": {k: list(v.shape) for k, v in state.items()},
+    }
+    if pin_path(path).is_file():
+        report["pin"] = verify_pin(path, None)["tag"]
+    return report
