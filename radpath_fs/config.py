@@ -209,6 +209,14 @@ class MRITrainConfig(SnapshotMixin):
     init_features: int | None = None
     growth_rate: int | None = None
     block_config: tuple[int, ...] | None = None
+    # Feature normalisation of the DenseNet. Batch norm estimates each channel's statistics over
+    # the batch and the voxels of its feature map; the last dense block of a DenseNet works at
+    # 1/32 of the input size, so at 32^3 with batches of 3 that is 3 values a channel and the
+    # network barely trains (128^3: 4^3 x 3 = 192). Group norm takes its statistics within each
+    # volume (groups of `norm_groups` channels), whatever the batch or input size.
+    norm: Literal["batch", "group"] = "batch"
+    norm_groups: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     zoom: tuple[float, float] = (0.8, 1.2)
     zoom_prob: float = Field(0.5, ge=0, le=1)
     rotate_degrees: float = Field(10.0, ge=0)

@@ -21,7 +21,7 @@ import torch
 
 from radpath_fs import CLASSES
 from radpath_fs.config import MRITrainConfig, PipelineConfig
-from radpath_fs.errors import RadpathError
+from radpath_fs.errors import ConfigError, RadpathError
 from radpath_fs.mri.data import (
     CachedVolumes,
     EpochBatches,
@@ -63,8 +63,19 @@ def build_network(mcfg: MRITrainConfig) -> torch.nn.Module:
     import monai.networks.nets as nets
 
     kwargs = {k: getattr(mcfg, k) for k in ("init_features", "growth_rate", "block_config") if getattr(mcfg, k)}
+    norm = ("group", {"num_groups": mcfg.norm_groups}) if mcfg.norm == "group" else "batch"
     cls = getattr(nets, NETWORKS[mcfg.network])
-    return cls(spatial_dims=3, in_channels=len(mcfg.modalities), out_channels=len(CLASSES), **kwargs)
+    try:
+        return cls(spatial_dims=3, in_channels=len(mcfg.modalities), out_channels=len(CLASSES), norm=norm,
+                   dropout_prob=mcfg.dropout, **kwargs)
+    except ValueError as e:  # GroupNorm: a layer's channels not divisible by the groups
+        raise ConfigError(f"mri.norm_groups {mcfg.norm_groups}: {e}") from None
+
+
+def check_network(mcfg: MRITrainConfig) -> None:
+    """Build the network without memory (torch's meta device): a bad setting fails before any work."""
+    with torch.device("meta"):
+        build_network(mcfg)
 
 
 def run_id(fold: int) -> str:
@@ -277,6 +288,7 @@ def train_mri(
     mcfg = cfg.mri
     rid = run_id(fold)
     snapshot_ids = {e: mri_model_id(fold, e) for e in mcfg.snapshot_epochs()}
+    check_network(mcfg)
     with store.lock("train-mri"):
         cases = store.cases()
         train, val = fold_cases(cases, fold)
