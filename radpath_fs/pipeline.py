@@ -173,7 +173,7 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
 
     current = (report / "index.html").exists() and st.exists(REPORT_MARKER) and st.read_json(REPORT_MARKER) == report_inputs
     _step("report", "report is up to date" if current else None, write, timings)
-    summary(st, report / "index.html")
+    summary(st, report / "index.html", timings)
     return timings
 
 
@@ -204,7 +204,7 @@ def _fingerprint(store, rel: str) -> dict[str, list]:
     return out
 
 
-def summary(store, report_path: Path) -> None:
+def summary(store, report_path: Path, timings: dict[str, float] | None = None) -> None:
     """The closing table: each candidate's and each ensemble's balanced accuracy, and where things are."""
     from rich.table import Table
 
@@ -241,5 +241,17 @@ def summary(store, report_path: Path) -> None:
             )
     console.print(table)
     console.print(published_table())
+    if timings:
+        info("time:   " + ", ".join(f"{name} {sec:.0f} s" for name, sec in _by_step(timings).items())
+             + f"; {sum(timings.values()):.0f} s in all")
     info(f"store:  {store.url}")
     info(f"report: {report_path}")
+
+
+def _by_step(timings: dict[str, float]) -> dict[str, float]:
+    """Seconds per command: the per-fold and per-magnification training steps summed."""
+    out: dict[str, float] = {}
+    for name, sec in timings.items():
+        key = name.split(" ")[0]
+        out[key] = out.get(key, 0.0) + sec
+    return out

@@ -43,7 +43,7 @@ def built(tmp_path_factory):
         "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 4, "snapshots": [-1, -2], "lr": 1e-3},
         "predict": {"repeats": 3, "tiles_per_slide": 8},
         "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,
-                "block_config": [1, 1, 1, 1], "epochs": 2, "snapshots": [-1, -2], "batch_size": 3},
+                "block_config": [1, 1, 1], "epochs": 2, "snapshots": [-1, -2], "batch_size": 3},
         "fusion": {"method": "prune", "prune": 2, "bootstrap": 20, "ablations": True},
         "report": {"cases_shown": 0},
     }

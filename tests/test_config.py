@@ -91,3 +91,20 @@ def test_cli_reports_config_error_with_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "radpath_fs.cli", "run", str(p)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "typo.yaml: tile.tile_sise: unknown key" in r.stderr
+
+
+def test_cpm2020_marks_this_projects_choices():
+    """Each value the paper does not give says `# ours` on its line; the paper's own numbers do not."""
+    lines = (ROOT / "pipelines/cpm2020.yaml").read_text().splitlines()
+    section, marked = None, {}
+    for line in lines:
+        if line and not line.startswith((" ", "#")):
+            section = line.split(":")[0]
+        elif line.startswith("  ") and not line.lstrip().startswith("#") and ":" in line:
+            marked[f"{section}.{line.split(':')[0].strip()}"] = "# ours" in line
+    ours = ["ingest.folds", "ingest.seed", "tile.codec", "embed.weights_tag", "embed.crop", "predict.repeats",
+            "mri.spatial_size", "mri.zoom_prob", "mri.rotate_prob", "mri.elastic_prob", "fusion.bootstrap"]
+    papers = ["tile.tile_size", "tile.background_threshold", "wsi.lr", "wsi.epochs", "wsi.tiles_per_slide",
+              "predict.tiles_per_slide", "mri.lr", "mri.epochs", "mri.batch_size", "fusion.prune"]
+    assert [k for k in ours if not marked[k]] == []
+    assert [k for k in papers if marked[k]] == []

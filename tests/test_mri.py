@@ -45,7 +45,7 @@ SMALL = {
     "spatial_size": [32, 32, 32],
     "init_features": 8,
     "growth_rate": 8,
-    "block_config": [2, 2, 2, 2],
+    "block_config": [2, 2, 2],
     "batch_size": 4,
     "eval_batch_size": 8,
 }
@@ -589,3 +589,21 @@ def test_gpu_benchmark_runs_on_cpu_with_tiny_sizes(tmp_path):
     for mode in ("device", "loader"):
         assert result[f"train_{mode}"]["volumes_per_s"] > 0 and result[f"loader_{mode}"]["volumes_per_s"] > 0
         assert len(result[f"train_{mode}"]["per_epoch_volumes_per_s"]) == 2
+
+
+def test_group_norm_and_a_last_block_on_single_voxels(capsys):
+    from radpath_fs.errors import ConfigError
+    from radpath_fs.mri.train import build_network, check_network, last_block_size
+
+    net = build_network(MRITrainConfig(**{**SMALL, "norm": "group", "norm_groups": 4}))
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert "GroupNorm" in kinds and not any("BatchNorm" in k for k in kinds)
+    with pytest.raises(ConfigError, match="mri.norm_groups 3"):
+        check_network(MRITrainConfig(norm="group", norm_groups=3))
+    # DenseNet169's four blocks at 128^3: a 4^3 last map; at 32^3 one voxel, which is said.
+    assert last_block_size(MRITrainConfig()) == (4, 4, 4)
+    four = MRITrainConfig(spatial_size=(32, 32, 32), init_features=8, growth_rate=4, block_config=(1, 1, 1, 1))
+    check_network(four)
+    assert "1x1x1 map" in capsys.readouterr().err
+    check_network(four.model_copy(update={"block_config": (1, 1, 1)}))
+    assert capsys.readouterr().err == ""

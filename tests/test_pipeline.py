@@ -34,7 +34,7 @@ def run(tmp_path_factory):
         "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 6, "snapshots": [-1, -3], "lr": 1e-3},
         "predict": {"repeats": 3},
         "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,
-                "block_config": [1, 1, 1, 1], "epochs": 3, "snapshots": [-1, -2], "batch_size": 3},
+                "block_config": [1, 1, 1], "epochs": 3, "snapshots": [-1, -2], "batch_size": 3},
         "fusion": {"bootstrap": 50, "ablations": True},
         "report": {"cases_shown": 2},
     }

@@ -72,10 +72,31 @@ def build_network(mcfg: MRITrainConfig) -> torch.nn.Module:
         raise ConfigError(f"mri.norm_groups {mcfg.norm_groups}: {e}") from None
 
 
+def last_block_size(mcfg: MRITrainConfig) -> tuple[int, ...]:
+    """The feature map of the last dense block: the stem halves the input twice (strided convolution,
+    max pooling) and each transition between blocks once more."""
+    blocks = len(mcfg.block_config or _default_blocks(mcfg.network))
+    return tuple(max(1, s >> (blocks + 1)) for s in mcfg.spatial_size)
+
+
+def _default_blocks(network: str) -> tuple[int, ...]:
+    import inspect
+
+    import monai.networks.nets as nets
+
+    return tuple(inspect.signature(getattr(nets, NETWORKS[network])).parameters["block_config"].default)
+
+
 def check_network(mcfg: MRITrainConfig) -> None:
-    """Build the network without memory (torch's meta device): a bad setting fails before any work."""
+    """Build the network without memory (torch's meta device): a bad setting fails before any work.
+    A last block on single voxels is allowed but said: it has no spatial extent left to pool, and
+    batch norm there estimates each channel from `batch_size` numbers."""
     with torch.device("meta"):
         build_network(mcfg)
+    last = last_block_size(mcfg)
+    if min(last) < 2:
+        warn(f"mri: the last dense block works on a {'x'.join(map(str, last))} map at spatial_size "
+             f"{list(mcfg.spatial_size)}; use fewer blocks (mri.block_config) or a larger spatial_size")
 
 
 def run_id(fold: int) -> str:
