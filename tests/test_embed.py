@@ -252,7 +252,10 @@ def _recompute(store, eid, case, mag, rows) -> np.ndarray:
     """Embeddings of stored tiles `rows`, recomputed from the stored pixels with the recorded model
     and transform, in eval mode (float32)."""
     attrs = E.embedding_attrs(store, eid, case, mag)
-    model = E.create_embedder(attrs["model"], attrs["weights"], attrs["pretrained"], seed=attrs["seed"]).eval()
+    cfg = EmbedConfig(name=attrs["model"], weights=attrs["weights"], pretrained=attrs["pretrained"], seed=attrs["seed"],
+                      normalization=attrs["normalization"], crop=attrs["transform"]["crop"], input_size=attrs["transform"]["size"])
+    assert E.embedder_id(cfg) == eid
+    model = E.store_embedder(store, cfg)
     tiles = torch.from_numpy(store.open_group("tiles.zarr", f"{case}/{mag}")["pixels"].oindex[list(rows)])
     with torch.inference_mode():
         return model(transform_from_record(attrs["transform"])(tiles)).numpy()
@@ -321,7 +324,15 @@ def test_incomplete_tile_groups_are_not_embedded_and_imagenet_stats(tmp_path):
     store = make_store(tmp_path / "s", codec="jpeg")
     g = store.open_group("tiles.zarr", "c0/5", mode="r+")
     g.attrs["complete"] = False
-    cfg = EmbedConfig(**SMALL, normalization="imagenet", dtype="float32", magnifications=[5])
+    # The training cases hold no complete tile at 5x: nothing to estimate random batch-norm statistics from.
+    random = EmbedConfig(**SMALL, normalization="imagenet", dtype="float32", magnifications=[5])
+    with pytest.raises(StoreError, match="0 tile"):
+        E.embed_store(store.url, random, device="cpu")
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in E.create_embedder("resnet18").state_dict().items()}, str(weights))
+    cfg = random.model_copy(update={"weights": weights})
     summary = E.embed_store(store.url, cfg, device="cpu")
     eid = E.embedder_id(cfg)
     assert eid.endswith("-imagenet") and summary["written"] == 2
