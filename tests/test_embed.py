@@ -565,10 +565,12 @@ def test_file_weights_are_not_calibrated(tmp_path):
     assert E.embedding_attrs(store, E.embedder_id(cfg), "c0", 20)["calibration"] is None
 
 
-def test_calibrated_random_efficientnet_b0_embeddings_separate_the_classes(tmp_path):
-    """Signal: slides drawn with the project's generator, 4 tissue tiles each at 0.5 µm/px (224 px),
-    embedded by the store with random efficientnet_b0; a linear probe on each slide's max || mean
-    over 3 folds. Uncalibrated, the same network scores ~0.4 here (chance 0.33)."""
+def test_calibrated_random_embeddings_separate_the_classes(tmp_path):
+    """Signal: 30 slides drawn with the project's generator, 4 tissue tiles each at 0.5 µm/px
+    (224 px), embedded by the store with a random batch-norm network; a linear probe on each
+    slide's max || mean over 3 folds (chance 0.33). mobilenetv3_large_100 (timm's EfficientNet
+    builder, batch norm throughout) stands in for efficientnet_b0, which scores 0.73-0.80 here too
+    (0.43 uncalibrated) but takes ~80 s on two shared cores against ~20 s."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -589,14 +591,13 @@ def test_calibrated_random_efficientnet_b0_embeddings_separate_the_classes(tmp_p
         tiles = [image[y:y + size, x:x + size] for y in range(0, 1024 - size + 1, size) for x in range(0, 1024 - size + 1, size)]
         tissue = np.stack([t for t in tiles if (t > 180).all(-1).mean() < 0.75][:4])
         write_tile_group(store, c.case_id, 20, tissue, np.zeros((len(tissue), 2)), np.ones(len(tissue)), {"mpp": 0.5}, tcfg)
-    cfg = EmbedConfig(name="efficientnet_b0", weights="random", batch_size=32, cpu_threads=2, calibration_tiles=64)
+    cfg = EmbedConfig(name="mobilenetv3_large_100", weights="random", batch_size=32, cpu_threads=2, calibration_tiles=64)
     E.embed_store(store.url, cfg, device="cpu")
     eid = E.embedder_id(cfg)
     bags = [E.read_embeddings(store, eid, c.case_id, 20, dtype=np.float32) for c in cases]
     x = np.stack([np.concatenate([b.max(0), b.mean(0)]) for b in bags])
-    assert np.abs(x).mean() > 1e-2  # uncalibrated: ~1e-5
+    assert np.abs(x).mean() > 1e-2  # efficientnet_b0 uncalibrated: ~1e-5
     y = np.array([c.cls for c in cases])
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     pred = cross_val_predict(probe, x, y, cv=StratifiedKFold(3, shuffle=True, random_state=0))
-    print("BA", balanced_accuracy_score(y, pred))
     assert balanced_accuracy_score(y, pred) >= 0.6
