@@ -12,9 +12,11 @@
                                         size and SHA-256
     B/store.json                        so that B opens as a (read-only, models-only) store
     B/models/<model_id>/                model.safetensors + config.json of every member's models
-    B/embedders/<embedder_id>/model.safetensors   the embedder of head-mode slide models (always
-                                        shipped: random or timm weights rebuilt on another machine
-                                        could differ)
+    B/embedders/<embedder_id>/model.safetensors   the embedder of head-mode slide models as the
+                                        store's `embed.store_embedder` builds it (always shipped:
+                                        random or timm weights rebuilt on another machine could
+                                        differ, and a random one's batch-norm statistics come from
+                                        the store's tiles)
 
 `radpath predict-case --bundle B CASE_DIR` runs one case end to end with the store's own code:
 the slide is tiled (`wsi.tile_case`), embedded (`embed.embed_cases`, with the shipped weights,
@@ -257,7 +259,7 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     from safetensors.torch import save_file
 
     from radpath_fs.config import EmbedConfig
-    from radpath_fs.embed import create_embedder, embedder_record, weights_hash
+    from radpath_fs.embed import calibration_hash, embedder_record, store_embedder, weights_hash
 
     first = configs[0]
     embed = dict(first["embed"])
@@ -283,7 +285,16 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     if unrecorded:
         warn(f"{', '.join(unrecorded)}: made by an earlier radpath_fs, which did not record the embedding "
              f"transform; the bundle takes embedder {eid}'s from the store's embeddings")
-    weights = EmbedConfig.model_validate(embed).weights_file
+    ecfg = EmbedConfig.model_validate(embed)
+    weights = ecfg.weights_file
+    # A random embedder's batch-norm statistics are the store's (estimated from its tiles): the
+    # models must have been trained on embeddings made with the ones shipped.
+    record["calibration"] = calibration_hash(store, ecfg)
+    stale = [c["model_id"] for c in configs if c.get("embedding_calibration") != record["calibration"]]
+    if stale:
+        raise StoreError(f"{store.path('models')}: {', '.join(stale)} trained on embeddings made with other batch-norm "
+                         f"statistics of embedder {eid} than the store holds now ({record['calibration']}); retrain "
+                         "them with `radpath train-wsi`")
     if weights:
         if not Path(weights).is_file():
             raise InputError(weights, f"weights file of embedder {eid} not found; the bundle needs it")
@@ -292,13 +303,13 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
                                       f"embedder {eid} was {record['weights_hash']})")
     elif (made := _training_embedding_attrs(store, eid, first)) is not None:
         # Rebuilt here from the name (and seed): the same weights only with the versions that embedded.
-        now = embedder_record(EmbedConfig.model_validate(embed))
+        now = embedder_record(ecfg)
         changed = [f"{k} {made.get(k)} then, {now[k]} now" for k in ("timm_version", "torch_version")
                    if made.get(k) not in (None, now[k])]
         if changed:
             warn(f"embedder {eid}: {'; '.join(changed)}; its rebuilt weights may not be those that made the "
                  "embeddings (export on the machine that embedded the store)")
-    model = create_embedder(embed["name"], weights or None, bool(embed.get("pretrained")), seed=int(embed["seed"]))
+    model = store_embedder(store, ecfg)
     path = out / record["file"]
     path.parent.mkdir(parents=True)
     # Clones: safetensors refuses tensors that share memory.
@@ -538,8 +549,9 @@ def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: C
             ecfg = _case_embed_config(bstore, e, dev)
             work_ids[eid] = embedder_id(EmbedConfig.model_validate(ecfg))
             stats = {mk: (t["mean"], t["std"]) for mk, t in e["transform"].items()}
+            # The shipped weights hold the store's batch-norm statistics: its embeddings are made with them.
             embed_cases([case.case_id], store_url=work.url, cfg=ecfg, mag_keys=sorted(stats, key=float),
-                        stats=stats, device=str(dev))
+                        stats=stats, device=str(dev), calibration=e.get("calibration"))
         for member in members:
             for mid in member["model_ids"]:
                 model, config = load_wsi_model(bstore, mid, dev)

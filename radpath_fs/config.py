@@ -118,6 +118,11 @@ class EmbedConfig(Section):
     # A CPU convolution's float sums depend on how many threads split it: give one number to get
     # byte-identical embeddings under every scheduler and machine.
     cpu_threads: int | None = Field(None, ge=1)
+    # Random weights only: tiles of the normalisation cases whose batch-norm statistics replace a
+    # fresh network's placeholders (mean 0, var 1), which normalise nothing: activations shrink
+    # layer by layer and the pooled features keep little beyond a tile's mean colour. A few hundred
+    # tiles pin each channel's mean and variance to well under a percent; more cost time only.
+    calibration_tiles: int = Field(512, ge=1)
 
     @model_validator(mode="after")
     def _weights_source(self):

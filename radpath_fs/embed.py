@@ -10,6 +10,10 @@
 - `tile_normalization(store, mags)`: per-channel mean/std of the training tiles (every case's in a
   cohort without labels), by a streaming
   Dask reduction over tiles.zarr; exact integer moments per magnification are cached in the store.
+- `store_embedder(store, cfg)`: the model exactly as it makes the store's embeddings. Random
+  weights with batch-norm layers get running statistics estimated from the store's tiles first
+  (`calibrate_store_embedder`, once per embedder, kept in ``stats/embedders/<embedder_id>.safetensors``):
+  a fresh network's placeholders (mean 0, var 1) normalise nothing, and its features fade to ~1e-5.
 - `embed_store(store, cfg)`: one task per slide over any scheduler (`radpath_fs.scheduler`); each
   writes ``embeddings.zarr/<embedder_id>/<case>/<mag>``, (n, L), marked complete last. Reading
   the next batches from Zarr runs in background threads while the model runs.
@@ -40,6 +44,10 @@ from radpath_fs.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 EMBEDDINGS = "embeddings.zarr"
 MOMENTS_JSON = "stats/tile_moments.json"
 NORMALIZATION_JSON = "stats/tile_normalization.json"
+# stats/embedders/<embedder_id>.safetensors: a random embedder's state dict with batch-norm
+# statistics estimated from the store's tiles; its safetensors metadata key says what from.
+CALIBRATION_DIR = "stats/embedders"
+CALIBRATION_META = "calibration"
 # Rows per chunk of an embedding array: a whole bag of up to ~6.5k float16 1280-d vectors is one
 # chunk (16 MiB); bigger bags read as a few large chunks.
 _CHUNK_BYTES = 16 * 2**20
@@ -253,20 +261,15 @@ def source_fingerprint(store: Store, case_id: str, magnification: float) -> str 
     return tile_group_attrs(store, case_id, magnification).get("fingerprint")
 
 
-def tile_moments(store: Store, magnifications: list[float] | None = None, *, scheduler: str = "threads") -> dict:
-    """Per magnification, exact pixel moments of the training tiles (every case's in a cohort
-    without a labelled case): {mag_key: {n, sum, sumsq, cases, case_set}}.
-
-    One Dask task per block of MOMENT_BLOCK tiles of a group, each reading with `TileReader` and
-    returning six integers. Cached in ``stats/tile_moments.json``; an entry is reused while the
-    training tile groups (case ids, tile counts and content fingerprints) are unchanged.
-    """
-    import dask
-
-    train, case_set = normalization_cases(store)
+def _normalization_groups(store: Store, magnifications: list[float] | None, instead: str
+                          ) -> tuple[dict[str, list[tuple[str, int, str | None]]], dict[str, int], str]:
+    """The complete tile groups of the normalisation cases (`normalization_cases`) at each
+    magnification: ({mag_key: [(case, tiles, source fingerprint)]}, {mag_key: tile side}, case set).
+    A StoreError, suggesting `instead`, when a magnification asked for has none."""
+    cases, case_set = normalization_cases(store)
     groups: dict[str, list[tuple[str, int, str | None]]] = {}
     side: dict[str, int] = {}
-    for case in train:
+    for case in cases:
         for mk in _tile_groups(store, case, magnifications):
             if not store.group_is_complete(TILES, f"{case}/{mk}"):
                 continue
@@ -279,9 +282,23 @@ def tile_moments(store: Store, magnifications: list[float] | None = None, *, sch
         which = "training cases (split 'train')" if case_set == "train" else "any case"
         raise StoreError(
             f"{store.path(TILES)}: no complete tile groups of {which} at "
-            f"magnification(s) {', '.join(missing) or 'any'}; run `radpath tile` first, or use "
-            "embed.normalization: imagenet"
+            f"magnification(s) {', '.join(missing) or 'any'}; run `radpath tile` first, or use {instead}"
         )
+    return {mk: groups[mk] for mk in wanted}, side, case_set
+
+
+def tile_moments(store: Store, magnifications: list[float] | None = None, *, scheduler: str = "threads") -> dict:
+    """Per magnification, exact pixel moments of the training tiles (every case's in a cohort
+    without a labelled case): {mag_key: {n, sum, sumsq, cases, case_set}}.
+
+    One Dask task per block of MOMENT_BLOCK tiles of a group, each reading with `TileReader` and
+    returning six integers. Cached in ``stats/tile_moments.json``; an entry is reused while the
+    training tile groups (case ids, tile counts and content fingerprints) are unchanged.
+    """
+    import dask
+
+    groups, side, case_set = _normalization_groups(store, magnifications, "embed.normalization: imagenet")
+    wanted = list(groups)
     cache = store.read_json(MOMENTS_JSON) if store.exists(MOMENTS_JSON) else {}
     result, todo = {}, []
     for mk in wanted:
@@ -353,6 +370,175 @@ def normalization_stats(store: Store, cfg: EmbedConfig, magnifications: list[flo
     return tile_normalization(store, magnifications)
 
 
+# ---- batch-norm calibration of random embedders ------------------------------------------------
+def _batch_norms(model) -> list:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def is_calibrated(cfg: EmbedConfig, model) -> bool:
+    """Whether the store's embedder `cfg` carries batch-norm statistics estimated from its tiles:
+    random weights (pretrained and file weights hold real statistics) with batch-norm layers."""
+    return cfg.weights_file is None and not cfg.pretrained and bool(_batch_norms(model))
+
+
+def calibrate_batch_norm(model, batches) -> int:
+    """Re-estimate every batch-norm layer's running statistics from `batches` (float tensors, the
+    model's inputs on its device); returns how many batches. Only the batch-norm layers run in
+    train mode (dropout and drop-path stay off), each an equal-weight average over the batches
+    (``momentum=None``), without gradients; the model is left in eval mode."""
+    import torch
+
+    norms = _batch_norms(model)
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    n = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                n += 1
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return n
+
+
+def calibration_rel(cfg: EmbedConfig) -> str:
+    """Where the store keeps embedder `cfg`'s calibrated state dict."""
+    return f"{CALIBRATION_DIR}/{embedder_id(cfg)}.safetensors"
+
+
+def _calibration_sample(store: Store, cfg: EmbedConfig, mag_keys: list[str]):
+    """(groups, picks, case set): the complete tile groups of the normalisation cases at `mag_keys`,
+    and up to `cfg.calibration_tiles` (case, mag_key, row) drawn from them by `cfg.seed`, an equal
+    share per magnification (a magnification with fewer tiles leaves its share to the others),
+    in a seeded order, so that every batch mixes magnifications."""
+    groups, _, case_set = _normalization_groups(store, [float(mk) for mk in mag_keys], "embed.weights: a file")
+    totals = {mk: sum(n for _, n, _ in groups[mk]) for mk in groups}
+    rng = np.random.default_rng(cfg.seed)
+    left, picks = cfg.calibration_tiles, []
+    for i, mk in enumerate(sorted(groups, key=lambda k: (totals[k], float(k)))):
+        k = min(totals[mk], left // (len(groups) - i))
+        left -= k
+        flat = np.sort(rng.choice(totals[mk], size=k, replace=False))
+        starts = np.cumsum([0] + [n for _, n, _ in groups[mk]])
+        for j in flat:
+            g = int(np.searchsorted(starts, j, side="right")) - 1
+            picks.append((groups[mk][g][0], mk, int(j - starts[g])))
+    picks = [picks[i] for i in rng.permutation(len(picks))]
+    return groups, picks, case_set
+
+
+def _calibration_batches(store: Store, cfg: EmbedConfig, picks: list, transforms: dict, device) -> Iterator:
+    """The sampled tiles, each through its magnification's eval transform, in near-equal batches of
+    at most `embed.batch_size` (at least two tiles: one tile has no spread over a 1x1 feature map)."""
+    import torch
+
+    readers: dict[tuple[str, str], TileReader] = {}
+    for part in np.array_split(np.arange(len(picks)), -(-len(picks) // max(2, cfg.batch_size))):
+        x = []
+        for i in part:
+            case_id, mk, row = picks[i]
+            reader = readers.setdefault((case_id, mk), TileReader(store, case_id, float(mk)))
+            tile = torch.from_numpy(reader.read([row], _center_region(cfg, reader.tile_shape[0])))
+            x.append(transforms[mk](tile))
+        yield torch.cat(x).to(device)
+
+
+def calibrate_store_embedder(store: Store, cfg: EmbedConfig, stats: dict[str, tuple[list[float], list[float]]],
+                             device="cpu") -> str | None:
+    """Make sure the store holds embedder `cfg`'s batch-norm calibration for the tiles and
+    normalisation it has now (`stats`: (mean, std) per magnification key being embedded); returns
+    its hash (None for an embedder that is not calibrated, see `is_calibrated`).
+
+    Estimated once, here on the client, and written to `calibration_rel(cfg)`: every embedding
+    task, later reader and bundle loads that file (`store_embedder`). Redone when what it was made
+    from changes: the sampled groups' tiles (source fingerprints), the normalisation statistics,
+    the sample size or the batch size (each batch weighs equally in the average).
+    """
+    import timm
+    import torch
+    from safetensors.torch import save
+
+    from radpath_fs.training import cpu_threads
+
+    model = create_embedder(cfg.name, cfg.weights_file, cfg.pretrained, seed=cfg.seed)
+    if not is_calibrated(cfg, model):
+        return None
+    groups, picks, case_set = _calibration_sample(store, cfg, sorted(stats, key=float))
+    if len(picks) < 2:
+        raise StoreError(f"{store.path(TILES)}: {len(picks)} tile(s) of the normalisation cases; the batch-norm "
+                         f"statistics of the random embedder {embedder_id(cfg)} need at least two")
+    transforms = {mk: eval_transform(cfg, *stats[mk]) for mk in groups}
+    made_from = {
+        "embedder_id": embedder_id(cfg), "seed": cfg.seed, "calibration_tiles": cfg.calibration_tiles,
+        "batch_size": max(2, cfg.batch_size), "case_set": case_set,
+        "transforms": {mk: t.record() for mk, t in transforms.items()},
+        "sources": {mk: [list(g) for g in groups[mk]] for mk in groups},
+        "timm_version": timm.__version__, "torch_version": torch.__version__.split("+")[0],
+    }
+    key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
+    rel = calibration_rel(cfg)
+    if store.exists(rel):
+        held = _read_calibration(store, rel)
+        if held[2].get("made_from") == key:
+            return held[1]
+        info(f"{store.path(rel)}: made from other tiles or normalisation; estimating the batch-norm statistics again")
+    with cpu_threads(cfg.cpu_threads):
+        model = model.to(device)
+        n = calibrate_batch_norm(model, _calibration_batches(store, cfg, picks, transforms, device))
+    per_mag = {mk: sum(1 for _, m, _ in picks if m == mk) for mk in groups}
+    meta = {
+        "made_from": key, "tiles": len(picks), "batches": n, "per_magnification": per_mag,
+        "cases": sorted({c for c, _, _ in picks}), "case_set": case_set,
+        "sources_hash": hashlib.sha256(json.dumps(made_from["sources"], sort_keys=True).encode()).hexdigest()[:16],
+        "transforms": made_from["transforms"], "seed": cfg.seed, "batch_size": made_from["batch_size"],
+    }
+    info(f"batch-norm statistics of {embedder_id(cfg)} estimated from {len(picks)} tiles of {len(meta['cases'])} cases")
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    store.write_bytes(rel, save(state, {CALIBRATION_META: json.dumps(meta, sort_keys=True)}))
+    return _read_calibration(store, rel)[1]
+
+
+def _read_calibration(store: Store, rel: str) -> tuple[dict, str, dict]:
+    """(state dict, hash of the file, its metadata) of a stored calibration."""
+    from radpath_fs.training import load_safetensors_bytes
+
+    data = store.fs.cat_file(store.path(rel))
+    state = load_safetensors_bytes(data, store.path(rel))
+    # The header: an 8-byte little-endian length, then JSON with the metadata under "__metadata__".
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    meta = json.loads(header.get("__metadata__", {}).get(CALIBRATION_META, "{}"))
+    return state, hashlib.sha256(data).hexdigest()[:16], meta
+
+
+def store_embedder(store: Store, cfg: EmbedConfig):
+    """The model that makes (and made) the store's embeddings with `cfg`, in eval mode: the timm
+    model of `create_embedder` and, for a calibrated random embedder, its batch-norm statistics as
+    the store holds them. Every embedding task, reader and bundle builds it here."""
+    model = create_embedder(cfg.name, cfg.weights_file, cfg.pretrained, seed=cfg.seed)
+    if is_calibrated(cfg, model):
+        rel = calibration_rel(cfg)
+        if not store.exists(rel):
+            raise StoreError(f"{store.path(rel)}: no batch-norm statistics of the random embedder "
+                             f"{embedder_id(cfg)}; run `radpath embed` first")
+        model.load_state_dict(_read_calibration(store, rel)[0], strict=True)
+    return model.eval()
+
+
+def calibration_hash(store: Store, cfg: EmbedConfig) -> str | None:
+    """The hash of embedder `cfg`'s stored calibration (None where the embedder has none)."""
+    rel = calibration_rel(cfg)
+    return _read_calibration(store, rel)[1] if cfg.weights_file is None and not cfg.pretrained and store.exists(rel) else None
+
+
 # ---- reading embeddings ------------------------------------------------------------------------
 def _embedding_path(embedder: str, case_id: str, magnification: float) -> str:
     return f"{check_name(embedder, 'embedder id')}/{check_name(case_id, 'case id')}/{mag_key(magnification)}"
@@ -392,14 +578,19 @@ def read_embeddings(store: Store | str, embedder: str, case_id: str, magnificati
     return out if dtype is None else out.astype(dtype, copy=False)
 
 
-def embedding_transforms(store: Store, embedder: str, case_ids: list[str], magnification: float) -> dict[str, dict]:
-    """{case: the transform record its embeddings were made with}; a StoreError if they differ
-    (a store embedded only in part since the normalisation statistics changed)."""
-    records = {c: embedding_attrs(store, embedder, c, magnification).get("transform") for c in case_ids}
+def embedding_inputs(store: Store, embedder: str, case_ids: list[str], magnification: float) -> dict[str, dict]:
+    """{case: {"transform": the transform record its embeddings were made with, "calibration": the
+    hash of the embedder's batch-norm statistics then (None: not calibrated)}}; a StoreError if
+    they differ between cases (a store embedded only in part since either changed)."""
+    records = {}
+    for c in case_ids:
+        attrs = embedding_attrs(store, embedder, c, magnification)
+        records[c] = {"transform": attrs.get("transform"), "calibration": attrs.get("calibration")}
     kinds = {json.dumps(r, sort_keys=True) for r in records.values()}
     if len(kinds) > 1:
         raise StoreError(f"{store.path(EMBEDDINGS, embedder)}: embeddings at {mag_key(magnification)} made with "
-                         f"{len(kinds)} different transforms; rerun `radpath embed` to finish recomputing them")
+                         f"{len(kinds)} different transforms or calibrations; rerun `radpath embed` to finish "
+                         "recomputing them")
     return records
 
 
@@ -603,14 +794,23 @@ _EMBEDDERS: dict[tuple, Embedder] = {}
 _EMBEDDERS_LOCK = threading.Lock()
 
 
-def _cached_embedder(cfg: EmbedConfig, device) -> Embedder:
-    """One model per process (per embedder id and device): a worker builds it once."""
-    key = (embedder_id(cfg), str(device), cfg.compile, cfg.batch_size)
+def _cached_embedder(store: Store, cfg: EmbedConfig, device, calibration: str | None) -> Embedder:
+    """One model per process (per embedder id, calibration and device): a worker builds it once."""
+    key = (embedder_id(cfg), calibration, str(device), cfg.compile, cfg.batch_size)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            model = create_embedder(cfg.name, cfg.weights_file, cfg.pretrained, seed=cfg.seed)
-            _EMBEDDERS[key] = Embedder(model, device, compile=cfg.compile, batch_size=cfg.batch_size)
+            _EMBEDDERS[key] = Embedder(store_embedder(store, cfg), device, compile=cfg.compile, batch_size=cfg.batch_size)
         return _EMBEDDERS[key]
+
+
+def _center_region(cfg: EmbedConfig, t: int) -> tuple[int, int] | None:
+    """Rows and columns of a `t` px tile that a center crop keeps (None: the whole tile is read).
+    Only they are read out and sent to the device: the same pixels the transform would crop, a
+    fifth of the bytes for 512 -> 224."""
+    if cfg.crop != "center" or t < cfg.input_size:
+        return None
+    top = int(round((t - cfg.input_size) / 2.0))
+    return top, top + cfg.input_size
 
 
 def _chunk_rows(n_features: int, itemsize: int) -> int:
@@ -643,17 +843,21 @@ def embed_cases(
     read_processes: int | None = None,
     progress: bool = False,
     stats_from: str | None = None,
+    calibration: str | None = None,
 ) -> dict:
     """Embed every complete tile group of some slides in one stream (a pure task: explicit inputs,
     and it writes only these slides' arrays). `stats_from` ("train" or "all", see
-    `normalization_cases`) is recorded in each array's attributes as ``normalization_cases``.
+    `normalization_cases`) is recorded in each array's attributes as ``normalization_cases``;
+    `calibration`, the hash of the batch-norm statistics the model holds (`calibrate_store_embedder`,
+    or those shipped in a bundle's weights), as ``calibration``: arrays made with other ones are redone.
 
     Returns a small summary {written: [[case, mag]], skipped: [...], incomplete_tiles: [...], tiles: n}.
     """
     from radpath_fs.training import cpu_threads
 
     with cpu_threads(torch_threads):
-        return _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress, stats_from)
+        return _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress, stats_from,
+                            calibration)
 
 
 class _Group(NamedTuple):
@@ -666,7 +870,8 @@ class _Group(NamedTuple):
     fingerprint: str | None
 
 
-def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress, stats_from) -> dict:
+def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_processes, progress, stats_from,
+                 calibration) -> dict:
     from radpath_fs.progress import progress_bar
     from radpath_fs.training import resolve_device
 
@@ -688,25 +893,20 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
             if old is not None and old.attrs.get(COMPLETE, False):
                 # Redone when the tiles were re-tiled since (another recipe: other pixels, other rows).
                 same_tiles = old.shape[0] == pixels.shape[0] and old.attrs.get("source_fingerprint") == fingerprint
-                if same_tiles and old.attrs.get("transform") == transform.record():
+                same_transform = old.attrs.get("transform") == transform.record()
+                same_calibration = old.attrs.get("calibration") == calibration
+                if same_tiles and same_transform and same_calibration:
                     summary["skipped"].append([case_id, mk])
                     continue
-                why = "made from other normalisation statistics" if same_tiles else "made from tiles that were re-tiled since"
+                why = ("made from tiles that were re-tiled since" if not same_tiles
+                       else "made from other normalisation statistics" if not same_transform
+                       else "made with other batch-norm statistics of the embedder")
                 warn(f"{store.path(EMBEDDINGS, eid, case_id, mk)}: {why}; recomputing")
             todo.append(_Group(case_id, mk, pixels, transform, fingerprint))
     if not todo:
         return summary
-    emb = _cached_embedder(ecfg, dev)
-    regions = []
-    for g in todo:
-        t = int(g.pixels.shape[1])
-        region = None
-        if ecfg.crop == "center" and t >= ecfg.input_size:
-            # Only the center crop is read out and sent to the device: the same pixels the
-            # transform would crop, a fifth of the bytes for 512 -> 224.
-            top = int(round((t - ecfg.input_size) / 2.0))
-            region = (top, top + ecfg.input_size)
-        regions.append(region)
+    emb = _cached_embedder(store, ecfg, dev, calibration)
+    regions = [_center_region(ecfg, int(g.pixels.shape[1])) for g in todo]
     sizes = [int(g.pixels.shape[0]) for g in todo]
     if read_processes is None:
         # The GPU outruns one process's Zarr reading; on the CPU the model is the slow part.
@@ -724,6 +924,7 @@ def _embed_cases(case_ids, store_url, cfg, mag_keys, stats, device, read_process
         attrs = {
             **base,
             "transform": transform.record(),
+            "calibration": calibration,
             "tile_size": int(pixels.shape[1]),
             "tiles": int(data.shape[0]),
             "source": f"{TILES}/{case_id}/{mk}",
@@ -810,10 +1011,14 @@ def embed_store(
             if stats_from == "all":
                 info("no case is labelled: the dataset normalisation is every case's tiles'")
         stats = {mk: normalization_stats(store, cfg, [float(mk)]) for mk in mags}
+        # Here, before any task: every task then loads the same statistics from the store.
+        local = scheduler in ("sync", "threads", "processes") or scheduler.startswith("local:")
+        calibration = calibrate_store_embedder(store, cfg, stats, dev if local else "cpu")
         root = store.open_zarr(EMBEDDINGS)
         g = root.require_group(eid)
         g.attrs.update({**embedder_record(cfg), "crop": cfg.crop, "input_size": cfg.input_size,
-                        "normalization_cases": stats_from})
+                        "normalization_cases": stats_from, "calibration": calibration,
+                        "calibration_file": calibration_rel(cfg) if calibration else None})
         todo = [c for c in cases if groups[c]]
         for c in todo:
             g.require_group(c)
@@ -830,6 +1035,7 @@ def embed_store(
             mag_keys=mags,
             stats=stats,
             stats_from=stats_from,
+            calibration=calibration,
             device=dev,
             torch_threads=torch_threads,
             read_processes=read_processes,
@@ -856,18 +1062,24 @@ def embed_store(
 __all__ = [
     "BatchReader",
     "Embedder",
+    "calibrate_batch_norm",
+    "calibrate_store_embedder",
+    "calibration_hash",
+    "calibration_rel",
     "create_embedder",
     "embed_cases",
     "embed_store",
     "embedder_id",
     "embedder_record",
     "embedding_attrs",
-    "embedding_transforms",
+    "embedding_inputs",
     "embedding_is_complete",
+    "is_calibrated",
     "load_weights",
     "normalization_stats",
     "read_embeddings",
     "read_state_dict",
+    "store_embedder",
     "tile_moments",
     "tile_normalization",
     "weights_hash",

@@ -254,7 +254,7 @@ class EmbeddingBags:
     kind = "embeddings"
 
     def __init__(self, store: Store, embedder_id: str, case_ids: Sequence[str], magnification: float):
-        from radpath_fs.embed import embedding_transforms, read_embeddings
+        from radpath_fs.embed import embedding_inputs, read_embeddings
 
         self.case_ids = list(case_ids)
         self.bags = []
@@ -263,10 +263,11 @@ class EmbeddingBags:
                 self.bags.append(torch.from_numpy(np.asarray(read_embeddings(store, embedder_id, c, magnification))))
                 advance()
         self.features = int(self.bags[0].shape[1]) if self.bags else 0
-        # The transform the embeddings were made with (normalisation statistics included): a head
-        # is only valid on embeddings made the same way, which prediction checks.
-        transforms = embedding_transforms(store, embedder_id, self.case_ids, magnification)
-        self.transform = next(iter(transforms.values()), None)
+        # The transform the embeddings were made with (normalisation statistics included) and the
+        # embedder's batch-norm calibration: a head is only valid on embeddings made the same way,
+        # which prediction checks.
+        made = next(iter(embedding_inputs(store, embedder_id, self.case_ids, magnification).values()), {})
+        self.transform, self.calibration = made.get("transform"), made.get("calibration")
 
     def n_tiles(self, i: int) -> int:
         return int(self.bags[i].shape[0])
@@ -549,13 +550,14 @@ class WSIRun:
 
     def _inputs_made_from(self) -> str:
         """A hash of what the cases' inputs were made from: each embedding array's transform
-        (normalisation statistics included) in head mode, each tile group's content fingerprint
-        in finetune mode. Re-tiled slides or re-embedded cases make another run."""
-        from radpath_fs.embed import embedding_transforms, source_fingerprint
+        (normalisation statistics included) and embedder calibration in head mode, each tile
+        group's content fingerprint in finetune mode. Re-tiled slides or re-embedded cases make
+        another run."""
+        from radpath_fs.embed import embedding_inputs, source_fingerprint
 
         ids = self.train_ids + self.val_ids
         if self.mode == "head":
-            made = embedding_transforms(self.store, self.embedder_id, ids, self.magnification)
+            made = embedding_inputs(self.store, self.embedder_id, ids, self.magnification)
         else:
             made = {c: source_fingerprint(self.store, c, self.magnification) for c in ids}
         return fingerprint_hash(made)
@@ -663,6 +665,7 @@ class WSITrainer(WSIRun):
                                                              "kind": self.embed_cfg.normalization},
             "head": {**self.head.config(), "standardized": self.standardized},
             "embedding_transform": self.source.transform if self.mode == "head" else None,
+            "embedding_calibration": self.source.calibration if self.mode == "head" else None,
             "class_weights": self.class_weights,
             "classes": list(CLASSES),
             "train_cases": self.train_ids,

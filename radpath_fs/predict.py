@@ -183,6 +183,12 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
                 f"{config['run_id']} (snapshot {config['snapshot']}) was trained on (`radpath embed` recomputes "
                 "them when the training cases change); retrain it with `radpath train-wsi`"
             )
+        if ok and source.calibration != config.get("embedding_calibration"):
+            raise StoreError(
+                f"{store.path(EMBEDDINGS, eid)}: embedded with other batch-norm statistics of the random embedder "
+                f"than model {config['run_id']} (snapshot {config['snapshot']}) was trained on (`radpath embed` "
+                "estimates them again when the training tiles change); retrain it with `radpath train-wsi`"
+            )
     else:
         from radpath_fs.tilestore import TILES
 

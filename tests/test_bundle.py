@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -121,6 +122,16 @@ def test_bundle_holds_the_primary_ensemble(built):
     # Random weights are shipped too: rebuilt from name + seed elsewhere, they may differ.
     assert embedder["file"] == f"embedders/{eid}/model.safetensors"
     assert spec["files"][embedder["file"]]["sha256"] == embedder["sha256"]
+    # ... with the batch-norm statistics the store estimated from its tiles, which made its embeddings.
+    from safetensors.torch import load_file
+
+    from radpath_fs.embed import calibration_hash, calibration_rel
+    from radpath_fs.training import load_safetensors_bytes
+
+    shipped = load_file(bundle / embedder["file"])
+    calibrated = load_safetensors_bytes(store.fs.cat_file(store.path(calibration_rel(cfg.embed))), "calibration")
+    assert shipped.keys() == calibrated.keys() and all(torch.equal(shipped[k], calibrated[k]) for k in shipped)
+    assert embedder["calibration"] == calibration_hash(store, cfg.embed) is not None
     assert set(embedder["transform"]) == {mag_key(m) for m in mags}
     for m in mags:  # per magnification: the training tiles' statistics at that magnification
         np.testing.assert_allclose(embedder["transform"][mag_key(m)]["mean"],

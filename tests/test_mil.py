@@ -289,11 +289,16 @@ def test_a_head_predicts_only_on_embeddings_made_as_for_its_training(planted, tm
     group = zarr.open_group(copy.zarr_store("embeddings.zarr"), path=embedder_id(cfg.embed), mode="r+")
     cases = list(copy.cases()["case_id"])
     group[f"{cases[0]}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
-    with pytest.raises(StoreError, match="2 different transforms; rerun `radpath embed`"):
+    with pytest.raises(StoreError, match="2 different transforms or calibrations; rerun `radpath embed`"):
         predict_models(copy, cfg, ["wsi-mag20-fold0-e29"], ["oof"], device="cpu")
     for case in cases:
         group[f"{case}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
     with pytest.raises(StoreError, match="other normalisation statistics than model wsi-mag20-fold0"):
+        predict_models(copy, cfg, ["wsi-mag20-fold0-e29"], ["oof"], device="cpu")
+    # So with the random embedder's batch-norm statistics (re-estimated from re-tiled training slides).
+    for case in cases:
+        group[f"{case}/20"].attrs.update({"transform": PLANTED_TRANSFORM, "calibration": "0123456789abcdef"})
+    with pytest.raises(StoreError, match="other batch-norm statistics of the random embedder than model wsi-mag20"):
         predict_models(copy, cfg, ["wsi-mag20-fold0-e29"], ["oof"], device="cpu")
 
 

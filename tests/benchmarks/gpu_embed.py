@@ -240,7 +240,7 @@ def run(out_dir: Path | str, device: str = "cuda", **sizes) -> dict:
         from radpath_fs.transforms import transform_from_record
 
         tiles = torch.from_numpy(E._tile_pixels(store, ids[0], 20)[:8])
-        ref_model = E.create_embedder(p["model"]).eval()
+        ref_model = E.store_embedder(store, cfg)
         with torch.inference_mode():
             ref = ref_model(transform_from_record(attrs["transform"])(tiles)).numpy()
         got = E.read_embeddings(store, eid, ids[0], 20, dtype=np.float32)[:8]
