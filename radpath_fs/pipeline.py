@@ -206,6 +206,7 @@ def _fingerprint(store, rel: str) -> dict[str, list]:
 
 def summary(store, report_path: Path, timings: dict[str, float] | None = None) -> None:
     """The closing table: each candidate's and each ensemble's balanced accuracy, and where things are."""
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="radpath run: results (out-of-fold)", show_lines=False,
@@ -239,8 +240,10 @@ def summary(store, report_path: Path, timings: dict[str, float] | None = None) -
                 if fits else "(no fit)",
                 *(f"{r['nested_' + k]:.3f}" if fits else "(no fit)" for k in nested[1:]),
             )
-    console.print(table)
-    console.print(published_table())
+    # Piped to a log, rich assumes 80 columns and folds every cell of these wide tables.
+    out = console if console.is_terminal else Console(stderr=True, width=max(140, console.width))
+    out.print(table)
+    out.print(published_table())
     if timings:
         info("time:   " + ", ".join(f"{name} {sec:.0f} s" for name, sec in _by_step(timings).items())
              + f"; {sum(timings.values()):.0f} s in all")

@@ -23,6 +23,7 @@ from radpath_fs import CLASSES
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import ConfigError, RadpathError
 from radpath_fs.mri.data import (
+    KEEP_BYTES,
     CachedVolumes,
     EpochBatches,
     augment_transforms,
@@ -361,11 +362,12 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids, fingerpri
     aug_on = mcfg.augment_on if mcfg.augment_on != "auto" else ("device" if rt.cuda else "loader")
     workers = default_workers(mcfg, device)
     sampler = EpochBatches(len(train_ids), mcfg.batch_size, cfg.seed, fold)
-    train_ds = CachedVolumes(store.url, train_ids, y_train, augment=mcfg if aug_on == "loader" else None)
     item = volume_bytes(mcfg)
+    keep = item * (len(train_ids) + len(val_ids)) <= KEEP_BYTES
+    train_ds = CachedVolumes(store.url, train_ids, y_train, augment=mcfg if aug_on == "loader" else None, keep=keep)
     train_loader = make_loader(train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=rt.cuda, item_bytes=item)
     val_loader = (
-        make_loader(CachedVolumes(store.url, val_ids, y_val), batch_size=mcfg.eval_batch_size,
+        make_loader(CachedVolumes(store.url, val_ids, y_val, keep=keep), batch_size=mcfg.eval_batch_size,
                     num_workers=min(workers, 4), pin_memory=rt.cuda, item_bytes=item)
         if val_ids else None
     )
