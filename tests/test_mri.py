@@ -607,3 +607,22 @@ def test_group_norm_and_a_last_block_on_single_voxels(capsys):
     assert "1x1x1 map" in capsys.readouterr().err
     check_network(four.model_copy(update={"block_config": (1, 1, 1)}))
     assert capsys.readouterr().err == ""
+
+
+def test_an_in_process_loader_reads_each_volume_once_when_kept(tmp_path, cohort, monkeypatch):
+    from radpath_fs.mri import data as mri_data
+
+    store = new_store(tmp_path / "store", cohort[:4])
+    preprocess_cases(store, MRITrainConfig(spatial_size=(16, 16, 16)), store.cases())
+    ids = [r["case_id"] for r in cohort[:4]]
+    reads = []
+    monkeypatch.setattr(mri_data, "read_cached", lambda st, c: reads.append(c) or read_cached(st, c))
+    kept = CachedVolumes(store.url, ids, keep=True)
+    first = [kept[i][0] for i in range(4)]
+    again = [kept[i][0] for i in range(4)]
+    assert reads == ids  # the second pass came from memory
+    for i, (a, b) in enumerate(zip(first, again, strict=True)):
+        assert torch.equal(a, b) and torch.equal(a, torch.from_numpy(read_cached(store, ids[i])))
+    CachedVolumes(store.url, ids)[0]
+    CachedVolumes(store.url, ids)[0]
+    assert reads[4:] == [ids[0], ids[0]]  # not kept: read at every access

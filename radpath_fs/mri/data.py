@@ -186,7 +186,7 @@ def worker_init(_: int) -> None:
     set_track_meta(False)
 
 
-# Volumes a loader keeps in memory when the whole set fits: 32^3 demo volumes are 0.25 MiB each,
+# Volumes an in-process loader keeps in memory when the whole set fits: 32^3 demo volumes are 0.25 MiB each,
 # the paper's 128^3 ones 16 MiB (221 cases: 3.5 GiB, read from the store at every epoch instead).
 KEEP_BYTES = 2**30
 

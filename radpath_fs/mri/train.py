@@ -363,7 +363,8 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids, fingerpri
     workers = default_workers(mcfg, device)
     sampler = EpochBatches(len(train_ids), mcfg.batch_size, cfg.seed, fold)
     item = volume_bytes(mcfg)
-    keep = item * (len(train_ids) + len(val_ids)) <= KEEP_BYTES
+    # In-process reading only: loader workers would each keep their own copy.
+    keep = workers == 0 and item * (len(train_ids) + len(val_ids)) <= KEEP_BYTES
     train_ds = CachedVolumes(store.url, train_ids, y_train, augment=mcfg if aug_on == "loader" else None, keep=keep)
     train_loader = make_loader(train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=rt.cuda, item_bytes=item)
     val_loader = (
