@@ -181,13 +181,14 @@ def published_table():
     """The paper's own figures, in a table of their own: they are not computed from this store."""
     from rich.table import Table
 
-    from radpath_fs.fusion.reference import PUBLISHED
+    from radpath_fs.fusion.reference import published_rows
 
+    rows = published_rows()
     table = Table(title="published reference (real CPM-RadPath data; not computed here)")
-    for col in ("reference", "balanced acc.", "kappa", "F1 micro"):
+    for col in rows[0]:
         table.add_column(col)
-    for r in PUBLISHED:
-        table.add_row(r.label, f"{r.balanced_accuracy:.3f}", f"{r.kappa:.3f}", f"{r.f1_micro:.3f}")
+    for row in rows:
+        table.add_row(*row.values())
     return table
 
 

@@ -179,13 +179,11 @@ def ensembles_section(ens: pd.DataFrame) -> str:
 
 
 def published_section() -> str:
-    from radpath_fs.fusion.reference import PUBLISHED
+    from radpath_fs.fusion.reference import published_rows
 
-    rows = [{"reference": r.label, "balanced acc.": f"{r.balanced_accuracy:.3f}", "kappa": f"{r.kappa:.3f}",
-             "F1 micro": f"{r.f1_micro:.3f}"} for r in PUBLISHED]
     return ("<h3>Published reference (not computed from this store)</h3>\n"
             "<p>The paper's figures on the real CPM-RadPath 2020 data, for comparison only.</p>\n"
-            + _table(pd.DataFrame(rows)))
+            + _table(pd.DataFrame(published_rows())))
 
 
 def figures_section(fused: pd.DataFrame, primary: dict) -> str:

@@ -22,3 +22,9 @@ PUBLISHED = (
     PublishedResult("CPM-RadPath 2020 (Lerousseau et al.), cross-validation", 0.913, 0.897, 0.951),
     PublishedResult("CPM-RadPath 2020 (Lerousseau et al.), validation set", 0.911, 0.904, 0.943),
 )
+
+
+def published_rows() -> list[dict[str, str]]:
+    """The published results as display rows (column -> text), for every table that shows them."""
+    return [{"reference": r.label, "balanced acc.": f"{r.balanced_accuracy:.3f}", "kappa": f"{r.kappa:.3f}",
+             "F1 micro": f"{r.f1_micro:.3f}"} for r in PUBLISHED]
