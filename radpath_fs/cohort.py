@@ -25,6 +25,7 @@ import pandas as pd
 from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.config import IngestConfig
 from radpath_fs.errors import BatchErrors, InputError, RadpathError, StoreError
+from radpath_fs.folds import assign_folds
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, check_name
 
@@ -254,33 +255,6 @@ def scan(data: Path, labels: Path | None) -> list[CaseRecord]:
         if r.slide_path is None and all(v is None for v in r.mri.values()):
             r.errors.append(InputError(labels or data, f"case {r.case_id} is listed in the labels CSV but has no slide and no MRI"))
     return [records[k] for k in sorted(records)]
-
-
-def assign_folds(labels: pd.Series, k: int, seed: int) -> np.ndarray:
-    """Stratified, seeded folds for labelled cases; -1 for the rest.
-
-    Each class is shuffled and dealt round-robin, continuing where the previous class stopped, so
-    fold sizes differ by at most one and every class is spread as evenly as it can be, even a
-    class with fewer cases than folds.
-    """
-    folds = np.full(len(labels), -1, dtype=np.int32)
-    labelled = labels.notna().to_numpy()
-    if labelled.sum() == 0:
-        return folds
-    if labelled.sum() < k:
-        raise RadpathError(f"{int(labelled.sum())} labelled case(s) cannot be split into {k} folds (--folds)")
-    rng = np.random.default_rng(seed)
-    values = labels.to_numpy()
-    counts = pd.Series(values[labelled]).value_counts()
-    if counts.min() < k:
-        warn(f"class {counts.idxmin()} has {counts.min()} case(s), fewer than {k} folds: some folds will lack it")
-    start = 0
-    for c in CLASSES:
-        members = np.flatnonzero(values == c)
-        members = members[rng.permutation(len(members))]
-        folds[members] = (start + np.arange(len(members))) % k
-        start = (start + len(members)) % k
-    return folds
 
 
 def cases_frame(records: list[CaseRecord], cfg: IngestConfig, unlabelled_split: str) -> pd.DataFrame:

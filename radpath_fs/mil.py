@@ -17,20 +17,19 @@ Inference over a bag never holds more than one chunk of tiles: the embedder runs
 and the pooling keeps a running max and sum per bag (`BagPool`), so a 10,000-tile bag costs the
 memory of one chunk.
 
-Every epoch's randomness is drawn from generators seeded by (seed, epoch), and the run's state
-(weights, optimiser, history) is saved after every epoch as safetensors + JSON: a resumed run
-gives the same bytes as an uninterrupted one on the CPU.
+Every epoch's randomness is drawn from generators seeded by (seed, epoch), and the run goes
+through `radpath_fs.training.TrainingRun` (snapshots, history, resumable state after every
+epoch): a resumed run gives the same bytes as an uninterrupted one on the CPU.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,22 +38,22 @@ from torch import nn
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
-from radpath_fs.fusion.metrics import balanced_accuracy
+from radpath_fs.folds import fold_cases
+from radpath_fs.metrics import balanced_accuracy
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, mag_key
 from radpath_fs.training import (
+    Runtime,
+    TrainingRun,
     config_json,
     cpu_threads,
     fingerprint_hash,
     inverse_frequency_weights,
-    load_safetensors_bytes,
-    nothing_to_train,
+    load_checkpoint,
     resolve_device,
-    save_checkpoint,
     seed_everything,
-    stale_snapshots,
-    write_history,
-    wsi_model_id,
+    train_step,
+    wsi_run_id,
 )
 from radpath_fs.weights import check_weights
 
@@ -193,13 +192,13 @@ class MILClassifier(nn.Module):
 
         Memory is one chunk plus (n_bags, 2L) accumulators, whatever the bag sizes.
         """
-        device = torch.device(device)
+        rt = Runtime(device, spatial_dims=2)
         pool: BagPool | None = None
         for x, ids in chunks:
-            with _autocast(device):
-                emb = self.embed(x.to(device, non_blocking=True))
+            with rt.autocast():
+                emb = self.embed(x.to(rt.device, non_blocking=True))
             if pool is None:
-                pool = BagPool(n_bags, emb.shape[-1], device)
+                pool = BagPool(n_bags, emb.shape[-1], rt.device)
             pool.update(emb, ids)
         if pool is None:
             raise ValueError("no tiles to predict from")
@@ -229,11 +228,6 @@ class MILClassifier(nn.Module):
                 yield x, torch.zeros(len(x), dtype=torch.long)
 
         return self.predict_stream(chunks(), 1, device)[0]
-
-
-def _autocast(device: torch.device):
-    # bf16 on CUDA; fp32 on the CPU (CPU autocast would change the numbers, not the speed much).
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ---- bag sources -------------------------------------------------------------------------------
@@ -441,11 +435,6 @@ def infer_bags(
 # ---- training ----------------------------------------------------------------------------------
 
 
-def wsi_run_id(magnification: float, fold: int) -> str:
-    """The id of a training run (history, resumable state): a model id without its epoch."""
-    return wsi_model_id(magnification, fold, 0).rsplit("-e", 1)[0]
-
-
 def _epoch_seeds(seed: int, epoch: int, stream: int = 0) -> tuple[np.random.Generator, int]:
     """A numpy generator and a torch seed for one epoch, independent of every other epoch."""
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)])
@@ -459,23 +448,14 @@ def loader_threads(cfg_threads: int | None) -> int:
 
 def _select_cases(store: Store, magnification: float, fold: int, source_ok: Callable[[str], bool]):
     """(train case ids, train labels, held-out case ids, held-out labels) with data at this mag."""
-    cases = store.cases()
-    labelled = cases[cases["label"].notna() & cases["has_slide"].astype(bool)]
-    if labelled.empty:
-        raise RadpathError(f"{store.path('tables/cases.parquet')}: no labelled case with a slide to train on")
-    folds = sorted(int(f) for f in labelled["fold"].unique() if f >= 0)
-    if fold >= 0 and fold not in folds:
-        raise RadpathError(f"--fold {fold}: the cases table has folds {folds} (or -1 to train on every case)")
-    held = labelled["fold"] == fold if fold >= 0 else np.zeros(len(labelled), bool)
     out = []
-    for part in (labelled[~held], labelled[held]):
-        ids = [c for c in part["case_id"] if source_ok(c)]
-        skipped = sorted(set(part["case_id"]) - set(ids))
+    for part in fold_cases(store.cases(), fold, "wsi"):
+        ok = np.array([source_ok(c) for c in part["case_id"]], dtype=bool)
+        skipped = sorted(part.loc[~ok, "case_id"])
         if skipped:
             warn(f"{len(skipped)} case(s) have no tiles at magnification {mag_key(magnification)} and are "
                  f"left out: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
-        labels = dict(zip(part["case_id"], part["label"], strict=True))
-        out += [ids, [labels[c] for c in ids]]
+        out += [part.loc[ok, "case_id"].tolist(), part.loc[ok, "label"].tolist()]
     if not out[0]:
         raise RadpathError(f"no training case has tiles at magnification {mag_key(magnification)}; "
                            "run `radpath tile` (and `radpath embed` for head mode) first")
@@ -519,17 +499,15 @@ def build_transforms(cfg_wsi, mean, std):
 
 
 class WSIRun:
-    """What makes a training run the run it is (magnification, fold, mode, settings, case lists)
-    and what it has left in the store. Cheap: the cases table and array metadata are read, no
-    embedding or tile, so whether the snapshots are up to date is known before any loading."""
+    """What makes a training run the run it is (magnification, fold, mode, settings, case lists,
+    inputs) and its `TrainingRun` in the store. Cheap: the cases table and array metadata are
+    read, no embedding or tile, so whether the snapshots are up to date is known before any loading."""
 
     def __init__(self, store: Store, cfg, magnification: float, fold: int, mode: str, weights: Path | None):
         if mode not in MODES:
             raise RadpathError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
         self.store, self.cfg, self.w = store, cfg, cfg.wsi
         self.magnification, self.fold, self.mode = float(magnification), int(fold), mode
-        self.run_id = wsi_run_id(magnification, fold)
-        self.model_ids = [wsi_model_id(magnification, fold, e) for e in self.w.snapshot_epochs()]
 
         from radpath_fs.embed import embedder_id, weights_hash
 
@@ -546,7 +524,16 @@ class WSIRun:
                      else _tiles_available(store, magnification))
         self.train_ids, self.train_labels, self.val_ids, self.val_labels = _select_cases(
             store, magnification, fold, available)
-        self.inputs = self._inputs_made_from()
+        self.training = TrainingRun(store, wsi_run_id(magnification, fold), self.w.epochs, self.w.snapshot_epochs(),
+                                    fingerprint_hash(self._fingerprint()))
+
+    @property
+    def run_id(self) -> str:
+        return self.training.run_id
+
+    @property
+    def model_ids(self) -> list[str]:
+        return self.training.model_ids
 
     def _inputs_made_from(self) -> str:
         """A hash of what the cases' inputs were made from: each embedding array's transform
@@ -562,65 +549,34 @@ class WSIRun:
             made = {c: source_fingerprint(self.store, c, self.magnification) for c in ids}
         return fingerprint_hash(made)
 
-    def fingerprint(self) -> dict:
+    def _fingerprint(self) -> dict:
+        # Loader threads and prefetch depth change no result; the folds and magnifications trained
+        # and the mode are the run's own fields.
+        wsi = {k: v for k, v in config_json(self.w).items()
+               if k not in ("loader_threads", "prefetch_batches", "magnifications", "folds", "mode")}
         return {
             "magnification": self.magnification, "fold": self.fold, "mode": self.mode, "seed": self.cfg.seed,
-            "wsi": _stable_wsi(self.w), "embedder_id": self.embedder_id, "weights_hash": self.weights_hash,
-            "train_cases": self.train_ids, "val_cases": self.val_ids, "inputs": self.inputs,
+            "wsi": wsi, "embedder_id": self.embedder_id, "weights_hash": self.weights_hash,
+            "train_cases": self.train_ids, "val_cases": self.val_ids, "inputs": self._inputs_made_from(),
         }
 
-    def is_of_this_run(self, state: dict) -> bool:
-        recorded = state.get("fingerprint") or {}
-        now = json.loads(json.dumps(self.fingerprint()))  # as state.json holds it
-        # A state of an earlier version recorded fewer keys: what it recorded must match.
-        return bool(recorded) and recorded.keys() <= now.keys() and all(now[k] == v for k, v in recorded.items())
 
-    def status(self) -> tuple[dict[str, str], bool]:
-        """(snapshot id -> why it must be trained, whether the saved state, if any, is of this run and finished).
+class WSITrainer:
+    """One training run (`WSIRun`), loaded and ready to train: `fit()` runs it to the end."""
 
-        The snapshots are written before the epoch's history and state: a run killed in between
-        has all of them but must still finish that epoch's records. No state: the snapshots decide.
-        """
-        state = self.read_state()
-        finished = state is None or (self.is_of_this_run(state) and int(state["epoch"]) + 1 >= self.w.epochs)
-        return stale_snapshots(self.store, self.model_ids, fingerprint_hash(self.fingerprint())), finished
-
-    def state_dir(self) -> str:
-        return f"models/{self.run_id}/resume"
-
-    def read_state(self) -> dict | None:
-        rel = f"{self.state_dir()}/state.json"
-        return self.store.read_json(rel) if self.store.exists(rel) else None
-
-    def drop_states_but(self, keep: str) -> None:
-        """Delete the weights files state.json no longer points to, including those of a run
-        killed between writing state.json and deleting the file it replaced."""
-        folder = self.store.path(self.state_dir())
-        for path in self.store.fs.ls(folder, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if re.fullmatch(r"e\d+\.safetensors", name) and name != keep:
-                self.store.fs.rm(path)
-
-
-class WSITrainer(WSIRun):
-    """One training run, loaded and ready to train: `fit()` runs it to the end."""
-
-    def __init__(self, store: Store, cfg, magnification: float, fold: int, mode: str,
-                 weights: Path | None, device: torch.device, run: WSIRun | None = None):
-        # `run`: the same run already worked out (by `train_wsi`, to decide whether to train).
-        vars(self).update(vars(run or WSIRun(store, cfg, magnification, fold, mode, weights)))
-        self.device = device
-
+    def __init__(self, run: WSIRun, device: torch.device):
         from radpath_fs.embed import create_embedder, embedding_width, normalization_stats
 
-        store, embed_cfg, mag, head_mode = self.store, self.embed_cfg, self.magnification, self.mode == "head"
-        self.train_y = np.array([CLASSES.index(c) for c in self.train_labels], dtype=np.int64)
-        self.val_y = np.array([CLASSES.index(c) for c in self.val_labels], dtype=np.int64)
-        all_ids = self.train_ids + self.val_ids
-        self.source = (EmbeddingBags(store, self.embedder_id, all_ids, mag) if head_mode
-                       else TileBags(store, all_ids, mag))
+        self.run = run
+        self.rt = Runtime(device, spatial_dims=2)
+        w, embed_cfg, mag, head_mode = run.w, run.embed_cfg, run.magnification, run.mode == "head"
+        self.train_y = np.array([CLASSES.index(c) for c in run.train_labels], dtype=np.int64)
+        self.val_y = np.array([CLASSES.index(c) for c in run.val_labels], dtype=np.int64)
+        all_ids = run.train_ids + run.val_ids
+        self.source = (EmbeddingBags(run.store, run.embedder_id, all_ids, mag) if head_mode
+                       else TileBags(run.store, all_ids, mag))
 
-        seed_everything(self.cfg.seed)  # weight initialisation
+        seed_everything(run.cfg.seed)  # weight initialisation
         if head_mode:
             embedder: nn.Module = nn.Identity()
             features = self.source.features
@@ -631,71 +587,72 @@ class WSITrainer(WSIRun):
                                        seed=embed_cfg.seed)
             features = embedding_width(embedder)
             # Per magnification, as the embeddings of `radpath embed` are normalised.
-            self.mean, self.std = normalization_stats(store, embed_cfg, [mag])
-            self.train_tf, self.eval_tf = (t.to(device) for t in build_transforms(self.w, self.mean, self.std))
-        self.head = PooledHead(features, N_CLASSES, self.w.head.hidden, self.w.head.dropout)
-        self.standardized = head_mode and self.w.head.standardize
+            self.mean, self.std = normalization_stats(run.store, embed_cfg, [mag])
+            self.train_tf, self.eval_tf = (t.to(device) for t in build_transforms(w, self.mean, self.std))
+        self.head = PooledHead(features, N_CLASSES, w.head.hidden, w.head.dropout)
+        self.standardized = head_mode and w.head.standardize
         if self.standardized:
-            self.head.set_standardization(*self.source.feature_stats(range(len(self.train_ids))))
-        self.model = MILClassifier(embedder, self.head).to(device)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.head.set_standardization(*self.source.feature_stats(range(len(run.train_ids))))
+        self.model = self.rt.prepare(MILClassifier(embedder, self.head))
+        if self.rt.cuda:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.w.lr, weight_decay=self.w.weight_decay)
-        weights_ce = (inverse_frequency_weights(self.train_labels) if self.w.class_weighting == "inverse_frequency"
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=w.lr, weight_decay=w.weight_decay)
+        weights_ce = (inverse_frequency_weights(run.train_labels) if w.class_weighting == "inverse_frequency"
                       else np.ones(N_CLASSES))
         self.class_weights = weights_ce.tolist()
         self.loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights_ce, dtype=torch.float32, device=device))
-        self.loader = Loader(self.source, threads=loader_threads(self.w.loader_threads),
-                             depth=self.w.prefetch_batches, pin=device.type == "cuda")
+        self.loader = Loader(self.source, threads=loader_threads(w.loader_threads), depth=w.prefetch_batches,
+                             pin=self.rt.cuda)
 
     def model_config(self, epoch: int) -> dict:
+        run, head_mode = self.run, self.run.mode == "head"
         return {
             "modality": "wsi",
-            "magnification": self.magnification,
-            "fold": self.fold,
+            "magnification": run.magnification,
+            "fold": run.fold,
             "snapshot": int(epoch),
-            "run_id": self.run_id,
-            "mode": self.mode,
-            "seed": self.cfg.seed,
-            "embedder": {"name": self.embed_cfg.name, "id": self.embedder_id, "weights": (
-                str(self.embed_cfg.weights) if self.embed_cfg.weights else None),
-                "weights_hash": self.weights_hash, "pretrained": self.embed_cfg.pretrained},
+            "run_id": run.run_id,
+            "mode": run.mode,
+            "seed": run.cfg.seed,
+            "embedder": {"name": run.embed_cfg.name, "id": run.embedder_id, "weights": (
+                str(run.embed_cfg.weights) if run.embed_cfg.weights else None),
+                "weights_hash": run.weights_hash, "pretrained": run.embed_cfg.pretrained},
             "normalization": None if self.mean is None else {"mean": self.mean, "std": self.std,
-                                                             "kind": self.embed_cfg.normalization},
+                                                             "kind": run.embed_cfg.normalization},
             "head": {**self.head.config(), "standardized": self.standardized},
-            "embedding_transform": self.source.transform if self.mode == "head" else None,
-            "embedding_calibration": self.source.calibration if self.mode == "head" else None,
+            "embedding_transform": self.source.transform if head_mode else None,
+            "embedding_calibration": self.source.calibration if head_mode else None,
             "class_weights": self.class_weights,
             "classes": list(CLASSES),
-            "train_cases": self.train_ids,
-            "wsi": config_json(self.w),
-            "embed": config_json(self.embed_cfg),
+            "train_cases": run.train_ids,
+            "wsi": config_json(run.w),
+            "embed": config_json(run.embed_cfg),
         }
 
     # -- one epoch ----------------------------------------------------------------------------------
     def epoch_plans(self, rng: np.random.Generator) -> list[list[Segment]]:
         """Batches of slides_per_batch slides x tiles_per_slide random tiles (all, when fewer)."""
-        order = rng.permutation(len(self.train_ids))
-        n_batches = -(-len(order) // self.w.slides_per_batch)
+        w = self.run.w
+        order = rng.permutation(len(self.run.train_ids))
+        n_batches = -(-len(order) // w.slides_per_batch)
         # Near-equal batches: a last batch of one slide would break batch norm and skew the step.
         plans = []
         for part in np.array_split(order, n_batches):
             plan = []
             for i in part:
                 n = self.source.n_tiles(int(i))
-                k = min(self.w.tiles_per_slide, n)
+                k = min(w.tiles_per_slide, n)
                 idx = np.sort(rng.choice(n, size=k, replace=False))
                 plan.append(Segment(int(i), idx, len(plan)))
             plans.append(plan)
         return plans
 
     def train_epoch(self, epoch: int, max_batches: int | None = None) -> dict:
-        rng, torch_seed = _epoch_seeds(self.cfg.seed, epoch)
+        rng, torch_seed = _epoch_seeds(self.run.cfg.seed, epoch)
         torch.manual_seed(torch_seed)  # dropout
         gen = torch.Generator().manual_seed(torch_seed)  # augmentation, drawn on the CPU
         plans = self.epoch_plans(rng)[:max_batches]
-        with progress_bar(f"{self.run_id} epoch {epoch + 1}/{self.w.epochs}", len(plans)) as advance:
+        with progress_bar(f"{self.run.run_id} epoch {epoch + 1}/{self.run.w.epochs}", len(plans)) as advance:
             return {"epoch": epoch, **self.run_batches(plans, gen, advance)}
 
     def run_batches(self, plans: Sequence[Sequence[Segment]], generator: torch.Generator | None,
@@ -710,7 +667,7 @@ class WSITrainer(WSIRun):
         tiles = 0
         t0 = time.perf_counter()
         for plan, buf in self.loader.iterate(plans):
-            y = torch.from_numpy(self.train_y[[s.case for s in plan]]).to(self.device, non_blocking=True)
+            y = torch.from_numpy(self.train_y[[s.case for s in plan]]).to(self.rt.device, non_blocking=True)
             loss, logits = self.step(plan, buf, y, generator)
             losses.append(loss)
             preds.append(logits.argmax(1))
@@ -736,126 +693,48 @@ class WSITrainer(WSIRun):
 
         Returns the loss and the logits, detached, on the device.
         """
-        x = buf.to(self.device, non_blocking=True)
+        x = buf.to(self.rt.device, non_blocking=True)
         if self.train_tf is not None:
             x = self.train_tf(x, generator=generator)
-        with _autocast(self.device):
-            logits = self.model.forward_flat(x, [len(s.index) for s in plan])
-        loss = self.loss_fn(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), logits.detach()
+        forward = partial(self.model.forward_flat, sizes=[len(s.index) for s in plan])
+        return train_step(forward, self.optimizer, self.loss_fn, x, y, self.rt)
 
     def validate(self) -> float:
         """Balanced accuracy on the held-out cases: a fixed random subset of tiles, no augmentation."""
-        if not self.val_ids:
+        run = self.run
+        if not run.val_ids:
             return float("nan")
-        rng, _ = _epoch_seeds(self.cfg.seed, 0, stream=1)  # the same subsets every epoch
+        rng, _ = _epoch_seeds(run.cfg.seed, 0, stream=1)  # the same subsets every epoch
         bags = []
-        for j in range(len(self.val_ids)):
-            i = len(self.train_ids) + j
+        for j in range(len(run.val_ids)):
+            i = len(run.train_ids) + j
             n = self.source.n_tiles(i)
-            k = min(self.cfg.predict.tiles_per_slide, n)
+            k = min(run.cfg.predict.tiles_per_slide, n)
             bags.append(Segment(i, np.sort(rng.choice(n, size=k, replace=False)), j))
         logits = infer_bags(self.model, self.loader, bags, transform=self.eval_tf, generator=None,
-                            device=self.device, chunk_tiles=self.cfg.predict.batch_tiles)
+                            device=self.rt.device, chunk_tiles=run.cfg.predict.batch_tiles)
         return balanced_accuracy(self.val_y.tolist(), logits.argmax(1).tolist())
 
-    # -- resumable state ------------------------------------------------------------------------
-    def save_state(self, epoch: int, history: list[dict]) -> None:
-        """Weights + optimiser after `epoch` as one safetensors file; state.json (written last) points to it."""
-        from safetensors.torch import save
-
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for name, value in st.items():
-                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        name = f"e{epoch}.safetensors"
-        self.store.write_bytes(f"{self.state_dir()}/{name}", save(tensors))
-        self.store.write_json(f"{self.state_dir()}/state.json", {
-            "epoch": epoch, "file": name, "fingerprint": self.fingerprint(),
-            "param_groups": opt["param_groups"], "history": history,
-        })
-        self.drop_states_but(name)
-
-    def load_state(self) -> tuple[int, list[dict]] | None:
-        """(last completed epoch, history) of an unfinished earlier run of the same settings and
-        cases, weights and optimiser restored; None (start over) for any other state."""
-        state = self.read_state()
-        if state is None:
-            return None
-        if not self.is_of_this_run(state):
-            warn(f"{self.store.path(self.state_dir())}: an earlier run with other settings or cases; starting over")
-            return None
-        if int(state["epoch"]) + 1 >= self.w.epochs:
-            warn(f"{self.store.path(self.state_dir())}: a finished run whose snapshots are missing or replaced; "
-                 "starting over")
-            return None
-        rel = f"{self.state_dir()}/{state['file']}"
-        tensors = load_safetensors_bytes(self.store.fs.cat_file(self.store.path(rel)), self.store.path(rel))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt_state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, name = k.split(".", 2)
-                opt_state.setdefault(int(pid), {})[name] = v
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        self.drop_states_but(state["file"])
-        return int(state["epoch"]), list(state["history"])
+    def epoch_record(self, epoch: int) -> dict:
+        return {**self.train_epoch(epoch), "val_balanced_accuracy": self.validate()}
 
     # -- the run --------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> list[str]:
         """Train to the end, after the last epoch of a resumable state (`train_wsi` checks first
-        whether there is anything to train)."""
-        snapshots = self.w.snapshot_epochs()
-        fingerprint = fingerprint_hash(self.fingerprint())
-        start, history = 0, []
-        loaded = self.load_state() if resume else None
-        if loaded is not None:
-            last, history = loaded
-            start = last + 1
-            info(f"{self.run_id}: resuming after epoch {last + 1}/{self.w.epochs}")
+        whether there is anything to train); returns the snapshot model ids."""
+        run = self.run
         # One bar for the run and one closing line: the per-epoch figures are in history.parquet.
-        with progress_bar(f"train {self.run_id}", total=self.w.epochs) as advance:
-            advance(start)
-            for epoch in range(start, self.w.epochs):
-                record = self.train_epoch(epoch)
-                record["val_balanced_accuracy"] = self.validate()
-                history.append(record)
-                if epoch in snapshots:
-                    save_checkpoint(self.store, wsi_model_id(self.magnification, self.fold, epoch),
-                                    self.model.state_dict(), self.model_config(epoch), fingerprint)
-                write_history(self.store, self.run_id, history)
-                self.save_state(epoch, history)
-                advance()
-        if history:
-            last = history[-1]
-            info(f"{self.run_id}: {self.mode} on {len(self.train_ids)} slides ({len(self.val_ids)} held out), "
-                 f"{self.device}; last epoch loss {last['loss']:.4f}, train bal. acc "
-                 f"{last['train_balanced_accuracy']:.3f}, held-out bal. acc {last['val_balanced_accuracy']:.3f}")
-        # Snapshots written before a crash are not rewritten by the resumed run.
-        stale = stale_snapshots(self.store, self.model_ids, fingerprint)
-        if stale:
-            mid, why = min(stale.items())
-            raise RadpathError(f"{self.store.path('models', mid)}: snapshot {why} after training")
-        return self.model_ids
-
-
-def _stable_wsi(w) -> dict:
-    """The training settings that change the result (loader threads and prefetch depth do not)."""
-    d = config_json(w)
-    for k in ("loader_threads", "prefetch_batches", "magnifications", "folds", "mode"):
-        d.pop(k, None)
-    return d
+        last = run.training.fit(self.model, self.optimizer, self.epoch_record, self.model_config, resume)[-1]
+        info(f"{run.run_id}: {run.mode} on {len(run.train_ids)} slides ({len(run.val_ids)} held out), "
+             f"{self.rt.device}; last epoch loss {last['loss']:.4f}, train bal. acc "
+             f"{last['train_balanced_accuracy']:.3f}, held-out bal. acc {last['val_balanced_accuracy']:.3f}")
+        return run.model_ids
 
 
 def wsi_is_current(store_url: str | Store, cfg, magnification: float, fold: int, mode: str | None = None) -> bool:
     """Whether `train_wsi` would find nothing to train; cheap (see `WSIRun`), takes no lock."""
     store = store_url if isinstance(store_url, Store) else Store(store_url)
-    stale, finished = WSIRun(store, cfg, magnification, fold, mode or cfg.wsi.mode, None).status()
-    return finished and not stale
+    return WSIRun(store, cfg, magnification, fold, mode or cfg.wsi.mode, None).training.is_current()
 
 
 def train_wsi(
@@ -883,12 +762,9 @@ def train_wsi(
             if run.embed_cfg.weights == "random":
                 warn("finetuning an embedder from random weights (embed.weights: random): the paper fine-tunes "
                      "ImageNet-pretrained EfficientNet-b0 (`radpath weights fetch efficientnet_b0.ra_in1k --out weights`)")
-        if resume and nothing_to_train(run.run_id, run.model_ids, *run.status()):
-            state = run.read_state()
-            if state is not None:  # a run killed right after its last state.json left the one before
-                run.drop_states_but(state["file"])
+        if resume and run.training.nothing_to_train():
             return run.model_ids
-        trainer = WSITrainer(store, cfg, magnification, fold, mode, None, dev, run=run)
+        trainer = WSITrainer(run, dev)
         try:
             return trainer.fit(resume=resume)
         finally:
@@ -900,8 +776,6 @@ def train_wsi(
 
 def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[MILClassifier, dict]:
     """Rebuild a slide model from `models/<id>/` (architecture from config.json, weights from safetensors)."""
-    from radpath_fs.training import load_checkpoint
-
     state, config = load_checkpoint(store, model_id)
     if config.get("modality") != "wsi":
         raise RadpathError(f"{store.path('models', model_id)}: not a slide model (modality {config.get('modality')!r})")
@@ -918,7 +792,4 @@ def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[M
     except RuntimeError as e:
         raise StoreError(f"{store.path('models', model_id, 'model.safetensors')}: weights do not fit the "
                          f"architecture in config.json ({str(e).splitlines()[0]})") from None
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model, config
+    return Runtime(device, spatial_dims=2).prepare(model).eval(), config

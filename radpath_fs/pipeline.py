@@ -219,7 +219,7 @@ def summary(store, report_path: Path, timings: dict[str, float] | None = None) -
         table.add_column(col)
     if store.list_tables("predictions"):
         from radpath_fs.fusion.io import load_fusion_data
-        from radpath_fs.fusion.metrics import score
+        from radpath_fs.metrics import score
 
         data = load_fusion_data(store)
         for m, member in enumerate(data.members):

@@ -147,7 +147,7 @@ def tiles_section(store: Store) -> str:
 
 def models_section(data) -> str:
     """Each candidate (a modality, magnification and snapshot over its fold models) on OOF cases."""
-    from radpath_fs.fusion.metrics import score
+    from radpath_fs.metrics import score
 
     oof = data.oof
     rows = []
@@ -188,7 +188,7 @@ def published_section() -> str:
 
 def figures_section(fused: pd.DataFrame, primary: dict) -> str:
     from radpath_fs.fusion import plots
-    from radpath_fs.fusion.metrics import confusion_matrix, encode_labels
+    from radpath_fs.metrics import confusion_matrix, encode_labels
 
     oof = fused[(fused["ensemble_id"] == primary["id"]) & fused["label"].notna()]
     if oof.empty:
@@ -209,7 +209,7 @@ def figures_section(fused: pd.DataFrame, primary: dict) -> str:
 
 
 def _best_wsi_member(data):
-    from radpath_fs.fusion.metrics import balanced_accuracy
+    from radpath_fs.metrics import balanced_accuracy
 
     best, best_score = None, -1.0
     for m, member in enumerate(data.members):

@@ -17,8 +17,10 @@ from fusion_data import make_prediction_store, simulate_tables
 from sklearn import metrics as skm
 
 from radpath_fs import CLASSES
+from radpath_fs import metrics as fm
 from radpath_fs.config import FusionConfig
 from radpath_fs.errors import ConfigError, InputError
+from radpath_fs.folds import stratified_case_folds
 from radpath_fs.fusion import (
     ExhaustiveSearch,
     GreedySelection,
@@ -32,9 +34,7 @@ from radpath_fs.fusion import (
     evaluate_subsets,
     load_fusion_data,
 )
-from radpath_fs.fusion import metrics as fm
 from radpath_fs.fusion.cli import fuse_store
-from radpath_fs.fusion.folds import stratified_case_folds
 from radpath_fs.predictions import prediction_table, write_predictions
 from radpath_fs.store import Store
 

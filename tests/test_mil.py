@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,11 +19,12 @@ from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig, TileConfig
 from radpath_fs.embed import create_embedder, embedder_id
 from radpath_fs.errors import RadpathError, StoreError
-from radpath_fs.mil import BagPool, MILClassifier, PooledHead, WSITrainer, train_wsi, wsi_run_id
-from radpath_fs.predict import pending_predictions, predict_models
+from radpath_fs.mil import BagPool, MILClassifier, PooledHead, WSITrainer, train_wsi
+from radpath_fs.predict import model_config, pending_predictions, predict_models
 from radpath_fs.predictions import REQUIRED, SCHEMA
 from radpath_fs.store import Store, mag_key
 from radpath_fs.tilestore import write_tile_group
+from radpath_fs.training import MODELS, RUNS, history_path, state_meta, wsi_run_id
 from radpath_fs.transforms import eval_transform
 
 EMBEDDER = "test_efficientnet"  # timm's tiny EfficientNet (L = 256): the code path of efficientnet_b0
@@ -105,7 +107,7 @@ def tile_store(path, n: int = 24, tiles: int = 12, size: int = 48, unlabelled: i
 
 
 def history(store: Store, mag: float, fold: int) -> pd.DataFrame:
-    return pq.read_table(store.local_path("models", wsi_run_id(mag, fold), "history.parquet")).to_pandas()
+    return pq.read_table(store.local_path(history_path(wsi_run_id(mag, fold)))).to_pandas()
 
 
 def model_bytes(store: Store, model_id: str) -> bytes:
@@ -171,7 +173,8 @@ HUGE_BAG = textwrap.dedent("""
     import numpy as np, torch, zarr
     from radpath_fs.embed import create_embedder
     from radpath_fs.mil import MILClassifier, PooledHead
-    from radpath_fs.transforms import eval_transform
+    from radpath_fs.training import MODELS, RUNS, history_path, state_meta, wsi_run_id
+from radpath_fs.transforms import eval_transform
 
     torch.set_num_threads(2)
     n, t, chunk = 10_000, 32, 256
@@ -245,6 +248,14 @@ def test_head_mode_snapshots_and_model_config(planted):
         assert sorted(config["train_cases"]) == sorted(cases[cases["fold"].isin([1, 2])]["case_id"])
     assert cfg.wsi.snapshot_epochs() == [19, 29]
     assert not store.exists("models/wsi-mag20-fold0-e28/config.json")
+    # models/ holds the snapshots alone, each one a model `radpath predict` takes; the runs'
+    # records (history, resumable state) are under runs/.
+    snapshots = [f"wsi-mag{m}-fold0-e{e}" for m in (20, 5) for e in cfg.wsi.snapshot_epochs()]
+    assert sorted(os.listdir(store.path(MODELS))) == sorted(snapshots)
+    assert all(model_config(store, m)["model_id"] == m for m in os.listdir(store.path(MODELS)))
+    assert sorted(os.listdir(store.path(RUNS))) == ["wsi-mag20-fold0", "wsi-mag5-fold0"]
+    assert sorted(os.listdir(store.path(RUNS, "wsi-mag20-fold0"))) == ["history.parquet", "state.safetensors"]
+    assert state_meta(store, "wsi-mag20-fold0")["epoch"] == cfg.wsi.epochs - 1
 
 
 def test_predict_writes_contract_rows_with_votes(planted):
@@ -364,21 +375,31 @@ def test_a_changed_head_setting_retrains_and_its_predictions_are_redone(tmp_path
     for case in store.cases()["case_id"]:
         group[f"{case}/20"].attrs["transform"] = PLANTED_TRANSFORM
     assert wsi_is_current(store, changed, 20, 0)
-    # Snapshots of an earlier version (no fingerprint recorded) are kept as they are, with a warning.
+    # A snapshot that records no fingerprint (an older radpath_fs's) is not of this run: retrained.
     config_json = Path(store.path("models", model_id, "config.json"))
     config_json.write_text(json.dumps({k: v for k, v in json.loads(config_json.read_text()).items()
                                        if k != "training_fingerprint"}))
-    state_json = Path(store.path("models", "wsi-mag20-fold0", "resume", "state.json"))
-    state = json.loads(state_json.read_text())
-    state_json.write_text(json.dumps({**state, "fingerprint": {k: v for k, v in state["fingerprint"].items()
-                                                               if k != "inputs"}}))
-    capsys.readouterr()
-    assert wsi_is_current(store, changed, 20, 0) and not wsi_is_current(store, cfg, 20, 0)
-    assert "made by an earlier radpath_fs" in " ".join(capsys.readouterr().err.split())
+    assert not wsi_is_current(store, changed, 20, 0)
+    train_wsi(store, changed, 20, 0, device="cpu")
+    assert f"{model_id}: trained with another config or case list; retraining" in " ".join(capsys.readouterr().err.split())
+    assert wsi_is_current(store, changed, 20, 0)
     # Another case list (the folds reassigned) is another run too.
     cases = store.read_table("cases")
     store.write_table("cases", cases.assign(fold=np.where(cases["fold"] >= 0, (cases["fold"] + 1) % 3, -1)))
     assert not wsi_is_current(store, changed, 20, 0)
+
+def test_a_fold_minus_one_model_has_no_out_of_fold_split(tmp_path):
+    """A model trained on every fold holds no case out: its default splits are the unlabelled
+    ones, and asking for oof is an error naming the model (the same for MRI models, test_mri)."""
+    store, planted_cfg = planted_store(tmp_path / "store", n=12, unlabelled=2)
+    cfg = planted_cfg.model_copy(update={"wsi": planted_cfg.wsi.model_copy(update={"epochs": 2, "snapshots": [-1]})})
+    (model_id,) = train_wsi(store, cfg, 20, -1, device="cpu")
+    assert model_id == "wsi-mag20-all-e1" and os.listdir(store.path(MODELS)) == [model_id]
+    with pytest.raises(RadpathError, match=f"{model_id}: split oof: the model was trained on every fold"):
+        predict_models(store, cfg, [model_id], ["oof"], device="cpu")
+    predict_models(store, cfg, [model_id], None, device="cpu")
+    assert store.list_tables("predictions") == [f"predictions/{model_id}--val"]
+
 
 # ---- finetune mode -----------------------------------------------------------------------------
 
@@ -420,7 +441,7 @@ def test_finetune_same_seed_same_bytes_and_resume_equals_uninterrupted(finetuned
     monkeypatch.setattr(WSITrainer, "train_epoch", crash_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train_wsi(twin, cfg, 20, 0, device="cpu")
-    assert twin.read_json(f"models/{wsi_run_id(20, 0)}/resume/state.json")["epoch"] == 2
+    assert state_meta(twin, wsi_run_id(20, 0))["epoch"] == 2
     monkeypatch.setattr(WSITrainer, "train_epoch", interrupted)
     train_wsi(twin, cfg, 20, 0, device="cpu")  # resumes at epoch 3
     for epoch in cfg.wsi.snapshot_epochs():

@@ -20,8 +20,8 @@ from radpath_fs.fusion.methods import (
     create_method,
     evaluate_subsets,
 )
-from radpath_fs.fusion.metrics import METRICS, score
 from radpath_fs.fusion.nested import evaluate, nested_predictions
+from radpath_fs.metrics import METRICS, score
 
 __all__ = [
     "METHODS",

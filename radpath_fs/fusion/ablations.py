@@ -21,8 +21,8 @@ from radpath_fs import CLASSES
 from radpath_fs.errors import ConfigError
 from radpath_fs.fusion.io import FusionData
 from radpath_fs.fusion.methods import FusionEstimator, create_method
-from radpath_fs.fusion.metrics import METRICS, Scores
 from radpath_fs.fusion.nested import Evaluation, evaluate
+from radpath_fs.metrics import METRICS, Scores
 
 # The experiment a method gives when it runs over every candidate.
 EXPERIMENT_OF_METHOD = {

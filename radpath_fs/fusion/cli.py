@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from radpath_fs import CLASSES
 from radpath_fs.fusion.ablations import plan, predictions_frame, results_frame, run_ablations
 from radpath_fs.fusion.io import load_fusion_data
-from radpath_fs.fusion.metrics import METRICS
+from radpath_fs.metrics import METRICS
 from radpath_fs.progress import info, progress_bar, warn
 
 ENSEMBLES = "ensembles"

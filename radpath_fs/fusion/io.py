@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import InputError
-from radpath_fs.fusion.metrics import encode_labels
+from radpath_fs.metrics import encode_labels
 from radpath_fs.predictions import PROBS, REQUIRED, SCHEMA, SPLITS
 from radpath_fs.progress import warn
 

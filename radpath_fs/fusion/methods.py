@@ -23,8 +23,8 @@ import inspect
 import numpy as np
 
 from radpath_fs import CLASSES
-from radpath_fs.fusion.folds import stratified_case_folds
-from radpath_fs.fusion.metrics import (
+from radpath_fs.folds import stratified_case_folds
+from radpath_fs.metrics import (
     METRICS,
     confusion_matrices,
     log_loss_of_truth,

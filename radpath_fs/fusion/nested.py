@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from radpath_fs.fusion.folds import stratified_case_folds
+from radpath_fs.folds import stratified_case_folds
 from radpath_fs.fusion.methods import FusionEstimator, check_probabilities, clone
-from radpath_fs.fusion.metrics import Scores, score
+from radpath_fs.metrics import Scores, score
 
 
 @dataclass

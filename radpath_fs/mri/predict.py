@@ -1,6 +1,6 @@
 """MRI model inference: logits of a snapshot for the cases of each split, as prediction tables.
 
-Splits: `oof` = the labelled cases of the model's held-out fold (none for a fold -1 model),
+Splits: `oof` = the labelled cases of the model's held-out fold (an error for a fold -1 model),
 `train` = the labelled cases it trained on, `val`/`test` = unlabelled cases of that split.
 Default: oof (when the model has a fold) + every unlabelled split present. Called by
 `radpath_fs.predict.predict_models` for models whose config.json says modality "mri".
@@ -13,6 +13,7 @@ import torch
 
 from radpath_fs.config import MRITrainConfig, PipelineConfig, validate_stored
 from radpath_fs.errors import RadpathError, StoreError
+from radpath_fs.folds import default_splits, split_cases
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader, volume_bytes
 from radpath_fs.mri.preprocess import (
     MRI_ERRORS,
@@ -21,17 +22,16 @@ from radpath_fs.mri.preprocess import (
     preprocess_cases,
     recorded_errors,
 )
-from radpath_fs.mri.train import Runtime, build_network, predict_logits
-from radpath_fs.predict import default_splits, split_cases
+from radpath_fs.mri.train import build_network, mri_runtime, predict_logits
 from radpath_fs.predictions import SPLITS, prediction_table, write_predictions
 from radpath_fs.progress import info, warn
 from radpath_fs.store import Store
-from radpath_fs.training import load_checkpoint, resolve_device
+from radpath_fs.training import Runtime, load_checkpoint, resolve_device
 
 
 def mri_network(state: dict, mcfg: MRITrainConfig, device: str = "auto") -> tuple[torch.nn.Module, Runtime]:
     """A trained network (weights `state`, architecture `mcfg`) on its device, and its runtime."""
-    rt = Runtime(resolve_device(device), mcfg.channels_last)
+    rt = mri_runtime(resolve_device(device), mcfg)
     model = build_network(mcfg)
     model.load_state_dict(state)
     return rt.prepare(model), rt
@@ -73,9 +73,6 @@ def predict_mri(
     skipped = {c for c in recorded_errors(store) if not is_cached(store, c, mcfg)}
     todo = []
     for split in wanted:
-        if split == "oof" and fold < 0:
-            warn(f"{model_id}: trained on every fold, so it has no out-of-fold cases; skipping split oof")
-            continue
         rows = split_cases(cases, split, fold, config.get("train_cases"), modality="mri", model_id=model_id)
         left_out = sorted(set(rows["case_id"]) & skipped)
         if left_out:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fusion_dat
 from fusion_data import make_prediction_store  # noqa: E402
 
 from radpath_fs.fusion import ExhaustiveSearch, GreedySelection, all_subsets, evaluate_subsets  # noqa: E402
-from radpath_fs.fusion.metrics import METRICS  # noqa: E402
+from radpath_fs.metrics import METRICS  # noqa: E402
 
 N_MODELS, N_CASES = 10, 256
 

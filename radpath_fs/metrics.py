@@ -1,4 +1,5 @@
-"""Three-class metrics in pure numpy, vectorised over many predictions at once.
+"""Three-class metrics in pure numpy, vectorised over many predictions at once: the per-epoch
+figures of training and the scores of fusion.
 
 Ensemble search scores thousands of candidate ensembles per fit. Building every confusion matrix
 with one `np.bincount` and deriving the metrics from the matrices turns that into a few array
