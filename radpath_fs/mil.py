@@ -557,7 +557,8 @@ class WSIRun:
         return {
             "magnification": self.magnification, "fold": self.fold, "mode": self.mode, "seed": self.cfg.seed,
             "wsi": wsi, "embedder_id": self.embedder_id, "weights_hash": self.weights_hash,
-            "train_cases": self.train_ids, "val_cases": self.val_ids, "inputs": self._inputs_made_from(),
+            "train_cases": self.train_ids, "val_cases": self.val_ids, "labels": self.train_labels + self.val_labels,
+            "inputs": self._inputs_made_from(),
         }
 
 

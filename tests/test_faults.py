@@ -43,9 +43,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from chain_data import assert_same_store as compare_stores
-from chain_data import safetensors_parts, without_columns
+from chain_data import without_columns
 
 from radpath_fs.store import LOCK_NAME, TMP_PREFIX, Store
+from radpath_fs.training import history_path, state_meta
 
 KILLS = 10  # SIGKILLs at random times that must land per command
 MAX_ATTEMPTS = 40
@@ -198,10 +199,6 @@ class Zygote:
 # ---- comparing stores --------------------------------------------------------------------------
 
 
-def _safetensors(path: Path) -> tuple[dict, bytes]:
-    return safetensors_parts(path.read_bytes(), WALL_CLOCK)
-
-
 # The rows that must be unique in each kind of table (whole rows, for the others).
 TABLE_KEYS = {
     "tiles.parquet": ["case_id", "magnification", "tile_index"],
@@ -339,19 +336,14 @@ def chain(tmp_path_factory):
 
 
 def _history(store: Path, run: str):
-    path = store / "models" / run / "history.parquet"
+    path = store / history_path(run)
     return pq.read_table(path).to_pandas() if path.exists() else None
 
 
 def _state_epoch(store: Path, run: str) -> int | None:
     """The last epoch of the resumable training state (the epoch a rerun resumes after)."""
-    wsi = store / "models" / run / "resume" / "state.json"
-    if wsi.exists():
-        return int(json.loads(wsi.read_text())["epoch"])
-    mri = store / "models" / run / "state.safetensors"
-    if mri.exists():
-        return int(_safetensors(mri)[0]["metadata"]["radpath"]["epoch"])
-    return None
+    meta = state_meta(Store(store), run)
+    return None if meta is None else int(meta["epoch"])
 
 
 class Settled:
@@ -373,8 +365,7 @@ class Settled:
             self.rows.setdefault(epoch, got[epoch])
 
 
-RESUMED = {"train-wsi": re.compile(rf"{WSI_RUN}: resuming after epoch (\d+)/"),
-           "train-mri": re.compile(rf"{MRI_RUN}: resuming after epoch (\d+)")}
+RESUMED = re.compile(r"(\S+): resuming after epoch (\d+)/")  # the count of finished epochs
 RUNS = {"train-wsi": WSI_RUN, "train-mri": MRI_RUN}
 
 
@@ -395,11 +386,10 @@ def finish(chain: Chain, command: str, faulted: Path, ref: Reference, settled: S
             assert (faulted / snapshot.relative_to(ref.after)).read_bytes() == snapshot.read_bytes(), snapshot
         settled.check(faulted)
         epochs = WSI_EPOCHS if command == "train-wsi" else MRI_EPOCHS
-        found = RESUMED[command].search(log.read_text())
+        found = RESUMED.search(log.read_text())
         if resume_from is not None and resume_from + 1 < epochs:
             assert found, f"the final run did not resume after epoch {resume_from}:\n{log.read_text()[-2000:]}"
-            # WSI logs the 1-based count of finished epochs, MRI the index of the last one.
-            assert int(found.group(1)) == (resume_from + 1 if command == "train-wsi" else resume_from)
+            assert found.groups() == (run, str(resume_from + 1))
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

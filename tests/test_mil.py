@@ -173,8 +173,7 @@ HUGE_BAG = textwrap.dedent("""
     import numpy as np, torch, zarr
     from radpath_fs.embed import create_embedder
     from radpath_fs.mil import MILClassifier, PooledHead
-    from radpath_fs.training import MODELS, RUNS, history_path, state_meta, wsi_run_id
-from radpath_fs.transforms import eval_transform
+    from radpath_fs.transforms import eval_transform
 
     torch.set_num_threads(2)
     n, t, chunk = 10_000, 32, 256

@@ -16,9 +16,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from radpath_fs import CLASSES, MODALITIES
+from radpath_fs import CLASSES, MODALITIES, training
 from radpath_fs.config import MRITrainConfig, PipelineConfig
-from radpath_fs.errors import BatchErrors, ConfigError, InputError, StoreError
+from radpath_fs.errors import BatchErrors, ConfigError, InputError, RadpathError, StoreError
 from radpath_fs.mri import (
     MRI_ZARR,
     is_cached,
@@ -28,11 +28,10 @@ from radpath_fs.mri import (
     read_cached,
     train_mri,
 )
-from radpath_fs.mri import train as mri_train
 from radpath_fs.mri.data import CachedVolumes, EpochBatches, augment_transforms, augment_volume
 from radpath_fs.predictions import SCHEMA
 from radpath_fs.store import Store
-from radpath_fs.training import load_checkpoint
+from radpath_fs.training import MODELS, RUNS, history_path, load_checkpoint, state_meta
 
 # Tumour appearance per class, as (t1, t1ce, t2, flair) factors of the surrounding tissue:
 # glioblastoma enhances in t1ce around a necrotic core; astrocytoma and oligodendroglioma do not,
@@ -389,7 +388,7 @@ def trained(tmp_path_factory, cohort):
 def test_training_learns_above_chance(trained):
     store, cfg, ids = trained
     assert ids == ["mri-fold0-e9", "mri-fold0-e11"]
-    history = pq.read_table(store.path("models", "mri-fold0", "history.parquet")).to_pandas()
+    history = pq.read_table(store.path(history_path("mri-fold0"))).to_pandas()
     assert list(history["epoch"]) == list(range(12))
     last = history.iloc[-1]
     # Chance is 1/3 balanced accuracy and ln 3 = 1.10 weighted cross-entropy on the 12 held-out cases.
@@ -422,7 +421,7 @@ def test_predict_writes_contract_rows(trained, cohort):
     assert dict(zip(oof_df["case_id"], oof_df["label"], strict=True)) == fold0
     assert set(val_df["case_id"]) == {"HIDDEN00", "HIDDEN01", "HIDDEN02"} and val_df["label"].isna().all()
     # The table holds the model's real outputs: its held-out accuracy matches training's last epoch.
-    history = pq.read_table(store.path("models", "mri-fold0", "history.parquet")).to_pandas()
+    history = pq.read_table(store.path(history_path("mri-fold0"))).to_pandas()
     pred = oof_df[[f"logit_{c}" for c in CLASSES]].to_numpy().argmax(1)
     truth = np.array([CLASSES.index(x) for x in oof_df["label"]])
     per_class = [np.mean(pred[truth == k] == k) for k in range(3)]
@@ -440,18 +439,19 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
     train_mri(whole.url, cfg, fold=-1, device="cpu")
 
     crashed = new_store(tmp_path / "crashed", rows)
-    real_save_state = mri_train.save_state
+    real_save_state = training.save_state
 
     def crash_after_epoch_1(store, rid, model, optimizer, meta):
         real_save_state(store, rid, model, optimizer, meta)
         if meta["epoch"] == 1:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(mri_train, "save_state", crash_after_epoch_1)
+    monkeypatch.setattr(training, "save_state", crash_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train_mri(crashed.url, cfg, fold=-1, device="cpu")
     monkeypatch.undo()
     assert not (Path(crashed.root) / "models" / "mri-all-e2").exists()
+    assert state_meta(crashed, "mri-all")["epoch"] == 1
     assert not (Path(crashed.root) / ".radpath.lock").exists()  # the lock went with the crash
     train_mri(crashed.url, cfg, fold=-1, device="cpu", resume=True)
 
@@ -459,8 +459,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
     b, conf = load_checkpoint(crashed, "mri-all-e2")
     assert conf["fold"] == -1 and conf["heldout_cases"] == []
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ha = pq.read_table(whole.path("models", "mri-all", "history.parquet")).to_pandas()
-    hb = pq.read_table(crashed.path("models", "mri-all", "history.parquet")).to_pandas()
+    ha = pq.read_table(whole.path(history_path("mri-all"))).to_pandas()
+    hb = pq.read_table(crashed.path(history_path("mri-all"))).to_pandas()
     assert list(ha["train_loss"]) == list(hb["train_loss"])
 
     # Complete: a rerun trains nothing; --no-resume starts over from the same seed (same weights).
@@ -471,9 +471,17 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
     c, _ = load_checkpoint(crashed, "mri-all-e2")
     assert all(torch.equal(a[k], c[k]) for k in a)
 
-    # A model trained on every fold has no out-of-fold rows; default splits = the unlabelled ones.
+    # models/ holds the snapshots alone (what predict takes); the run's records are under runs/.
+    assert sorted(p.name for p in Path(crashed.path(MODELS)).iterdir()) == ["mri-all-e2"]
+    assert sorted(p.name for p in Path(crashed.path(RUNS, "mri-all")).iterdir()) == ["history.parquet",
+                                                                                     "state.safetensors"]
+
+    # A model trained on every fold has no out-of-fold rows; default splits = the unlabelled ones,
+    # and asking for oof is an error naming the model, as for slide models (test_mil).
     (path,) = predict_mri(crashed, cfg, "mri-all-e2", None, "cpu")
     assert Path(path).name == "mri-all-e2--val.parquet"
+    with pytest.raises(RadpathError, match="mri-all-e2: split oof: the model was trained on every fold"):
+        predict_mri(crashed, cfg, "mri-all-e2", ["oof"], "cpu")
 
 
 def test_a_changed_setting_retrains_and_its_predictions_are_redone(tmp_path, cohort, capsys):
@@ -561,13 +569,13 @@ def test_resumed_optimizer_state_keeps_the_channels_last_layout(tmp_path, impl):
     store = Store(tmp_path / "store", create=True)
     whole, whole_opt = model_and_optimizer()
     step(whole, whole_opt)
-    mri_train.save_state(store, "run", whole, whole_opt, {})
+    training.save_state(store, "run", whole, whole_opt, {})
     step(whole, whole_opt)
 
     resumed, resumed_opt = model_and_optimizer()
-    model_sd, optim_sd, _ = mri_train.load_state(store, "run")
+    model_sd, optim_sd, _ = training.load_state(store, "run")
     resumed.load_state_dict(model_sd)
-    mri_train.restore_optimizer(resumed_opt, optim_sd)
+    training.restore_optimizer(resumed_opt, optim_sd)
     for p in resumed.parameters():
         for name, v in resumed_opt.state[p].items():
             assert v.shape != p.shape or v.stride() == p.stride(), (name, v.stride(), p.stride())

@@ -177,11 +177,11 @@ def test_a_pickled_checkpoint_is_refused_unopened(tmp_path):
 
 
 def test_a_pickled_training_state_is_refused(tmp_path):
-    from radpath_fs.mri.train import STATE_FILE, load_state
+    from radpath_fs.training import load_state, state_path
 
     marker = tmp_path / "unpickled"
     st = Store(tmp_path / "store", create=True)
-    st.write_bytes(f"models/mri-fold0/{STATE_FILE}", pickle.dumps(Payload(marker)))
+    st.write_bytes(state_path("mri-fold0"), pickle.dumps(Payload(marker)))
     with pytest.raises(InputError, match="is a pickle"):
         load_state(st, "mri-fold0")
     assert not marker.exists()

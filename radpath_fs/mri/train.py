@@ -132,11 +132,11 @@ def _ids(part: pd.DataFrame) -> list[str]:
 
 def training_run(store: Store, cfg: PipelineConfig, fold: int, train: pd.DataFrame, val: pd.DataFrame) -> TrainingRun:
     """The run of `fold` on these cases. Its fingerprint is what must match for a saved state to be
-    resumed and for snapshots to be kept (loader settings change no result): config and case lists
-    only, cheap to compute. A model of other preprocessing cannot read today's cache."""
+    resumed and for snapshots to be kept (loader settings change no result): config, case lists
+    and labels only, cheap to compute. A model of other preprocessing cannot read today's cache."""
     mri = {k: v for k, v in config_json(cfg.mri).items() if k not in ("num_workers", "eval_batch_size", "folds")}
-    fingerprint = fingerprint_hash({"mri": mri, "seed": cfg.seed, "fold": fold, "train": _ids(train),
-                                    "val": _ids(val), "preprocess_version": PREPROCESS_VERSION})
+    fingerprint = fingerprint_hash({"mri": mri, "seed": cfg.seed, "fold": fold, "train": _ids(train), "val": _ids(val),
+                                    "labels": [*train["label"], *val["label"]], "preprocess_version": PREPROCESS_VERSION})
     return TrainingRun(store, mri_run_id(fold), cfg.mri.epochs, cfg.mri.snapshot_epochs(), fingerprint,
                        expect={"preprocess_version": PREPROCESS_VERSION})
 

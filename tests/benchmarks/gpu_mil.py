@@ -112,7 +112,8 @@ def _bare(sizes: dict, device) -> dict:
     import torch
 
     from radpath_fs.embed import create_embedder, embedding_width
-    from radpath_fs.mil import MILClassifier, PooledHead, _autocast
+    from radpath_fs.mil import MILClassifier, PooledHead
+    from radpath_fs.training import Runtime
 
     embedder = create_embedder(sizes["embedder"])
     model = MILClassifier(embedder, PooledHead(embedding_width(embedder))).to(device)
@@ -126,7 +127,7 @@ def _bare(sizes: dict, device) -> dict:
     y = torch.arange(b, device=device) % 3
 
     def step():
-        with _autocast(device):
+        with Runtime(device, spatial_dims=2).autocast():
             logits = model.forward_flat(x, [k] * b)
         loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -148,7 +149,7 @@ def _pipeline(store, sizes: dict, device) -> dict:
     import torch
 
     from radpath_fs.config import PipelineConfig
-    from radpath_fs.mil import WSITrainer, _epoch_seeds
+    from radpath_fs.mil import WSIRun, WSITrainer, _epoch_seeds
 
     cfg = PipelineConfig.model_validate({
         "embed": {"name": sizes["embedder"], "weights": "random", "normalization": "dataset"},
@@ -156,7 +157,7 @@ def _pipeline(store, sizes: dict, device) -> dict:
                 "tiles_per_slide": sizes["tiles_per_slide"], "loader_threads": sizes["loader_threads"],
                 "prefetch_batches": sizes["prefetch_batches"]},
     })
-    trainer = WSITrainer(store, cfg, 20, -1, "finetune", None, device)
+    trainer = WSITrainer(WSIRun(store, cfg, 20, -1, "finetune", None), device)
     plans: list = []
     epoch = 0
     while len(plans) < sizes["warmup"] + sizes["steps"]:

@@ -91,9 +91,10 @@ def build_store(root: Path, cfg, n: int, seed: int):
 def bare_train(cfg, device, batch: int, steps: int, warmup: int, channels_last: bool) -> dict:
     import torch
 
-    from radpath_fs.mri.train import Runtime, build_network, make_optimizer, train_step
+    from radpath_fs.mri.train import build_network, make_optimizer
+    from radpath_fs.training import Runtime, train_step
 
-    rt = Runtime(device, channels_last)
+    rt = Runtime(device, spatial_dims=3, channels_last=channels_last)
     torch.backends.cudnn.benchmark = rt.cuda
     model = rt.prepare(build_network(cfg.mri)).train()
     opt = make_optimizer(model, cfg.mri, rt)
@@ -131,9 +132,9 @@ def loader_only(store, cfg, device, mode: str, workers: int) -> dict:
         make_loader,
         volume_bytes,
     )
-    from radpath_fs.mri.train import Runtime
+    from radpath_fs.mri.train import mri_runtime
 
-    rt = Runtime(device, cfg.mri.channels_last)
+    rt = mri_runtime(device, cfg.mri)
     ids = list(store.cases()["case_id"])
     sampler = EpochBatches(len(ids), cfg.mri.batch_size, cfg.seed, -1)
     ds = CachedVolumes(store.url, ids, augment=cfg.mri if mode == "loader" else None)
@@ -199,7 +200,7 @@ def run(out_dir: Path, device: str = "cuda", **sizes) -> dict:
     from radpath_fs.config import PipelineConfig
     from radpath_fs.mri import train_mri
     from radpath_fs.mri.data import default_workers
-    from radpath_fs.training import resolve_device
+    from radpath_fs.training import history_path, resolve_device
 
     os.environ.setdefault("RADPATH_PROGRESS", "0")
     unknown = set(sizes) - set(DEFAULTS)
@@ -257,7 +258,7 @@ def run(out_dir: Path, device: str = "cuda", **sizes) -> dict:
             t0 = time.perf_counter()
             train_mri(store.url, cfg, fold=-1, device=str(dev), resume=False)
             wall = time.perf_counter() - t0
-            h = pq.read_table(store.path("models", "mri-all", "history.parquet")).to_pandas()
+            h = pq.read_table(store.path(history_path("mri-all"))).to_pandas()
             rates = list(h["train_volumes_per_s"])
             steady = rates[1:] or rates
             result[f"train_{mode}"] = {
