@@ -222,10 +222,12 @@ class MRITrainConfig(SnapshotMixin):
     norm: Literal["batch", "group"] = "batch"
     norm_groups: int = Field(8, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    flip_prob: float = Field(0.0, ge=0, le=1)
     zoom: tuple[float, float] = (0.8, 1.2)
     zoom_prob: float = Field(0.5, ge=0, le=1)
     rotate_degrees: float = Field(10.0, ge=0)
     rotate_prob: float = Field(0.5, ge=0, le=1)
+    # In voxels of a 128^3 grid, rescaled to `spatial_size` (mri.data.elastic_on_grid).
     elastic_sigma: tuple[float, float] = (1.0, 10.0)
     elastic_magnitude: tuple[float, float] = (10.0, 200.0)
     elastic_prob: float = Field(0.3, ge=0, le=1)

@@ -61,16 +61,39 @@ def _elastic_class():
     return Rand3DElasticOnDeviced
 
 
-def augment_transforms(mcfg: MRITrainConfig, device: torch.device | None = None):
-    """Random zoom, rotation (all axes) and 3D elastic deformation, each with its own probability.
+# The grid that `elastic_sigma` and `elastic_magnitude` are given on (the paper's 128^3).
+ELASTIC_GRID = 128
 
-    Zeros come in at the borders, which is the background value of a z-scored volume.
+
+def elastic_on_grid(mcfg: MRITrainConfig) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(sigma range, magnitude range) in voxels of `mcfg.spatial_size`, the same deformation in
+    millimetres as the configured ranges make on a 128^3 grid.
+
+    MONAI's elastic parameters are in voxels: at 32^3 the paper's values would move each voxel
+    4x as far across the brain and, with a finer noise, shred it. A grid coarser by s smooths the
+    per-voxel noise with sigma*s; the smoothed noise's amplitude grows as (sigma*s)^-1.5 in 3D
+    and a voxel spans 1/s as much, so the magnitude scales by s^2.5.
     """
-    from monai.transforms import Compose, RandRotated, RandZoomd
+    s = float(np.mean(mcfg.spatial_size)) / ELASTIC_GRID
+    sigma = tuple(v * s for v in mcfg.elastic_sigma)
+    magnitude = tuple(v * s**2.5 for v in mcfg.elastic_magnitude)
+    return sigma, magnitude
+
+
+def augment_transforms(mcfg: MRITrainConfig, device: torch.device | None = None):
+    """Random left-right flip, zoom, rotation (all axes) and 3D elastic deformation, each with
+    its own probability.
+
+    Zeros come in at the borders, which is the background value of a z-scored volume. Volumes
+    are RAS (preprocess), so the first spatial axis is left-right: a flip mirrors the hemispheres.
+    """
+    from monai.transforms import Compose, RandFlipd, RandRotated, RandZoomd
 
     r = math.radians(mcfg.rotate_degrees)
+    sigma, magnitude = elastic_on_grid(mcfg)
     return Compose(
         [
+            RandFlipd("image", prob=mcfg.flip_prob, spatial_axis=0),
             RandZoomd(
                 "image",
                 prob=mcfg.zoom_prob,
@@ -85,8 +108,8 @@ def augment_transforms(mcfg: MRITrainConfig, device: torch.device | None = None)
             ),
             _elastic_class()(
                 "image",
-                sigma_range=tuple(mcfg.elastic_sigma),
-                magnitude_range=tuple(mcfg.elastic_magnitude),
+                sigma_range=sigma,
+                magnitude_range=magnitude,
                 prob=mcfg.elastic_prob,
                 mode="bilinear",
                 padding_mode="zeros",
