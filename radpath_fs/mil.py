@@ -525,7 +525,8 @@ class WSIRun:
         self.train_ids, self.train_labels, self.val_ids, self.val_labels = _select_cases(
             store, magnification, fold, available)
         self.training = TrainingRun(store, wsi_run_id(magnification, fold), self.w.epochs, self.w.snapshot_epochs(),
-                                    fingerprint_hash(self._fingerprint()))
+                                    fingerprint_hash(self._fingerprint()), lr=self.w.lr,
+                                    lr_schedule=self.w.lr_schedule)
 
     @property
     def run_id(self) -> str:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import struct
@@ -374,6 +375,14 @@ def restore_optimizer(optimizer, optim_sd: dict) -> None:
                     state[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
+def epoch_lr(lr: float, epoch: int, epochs: int, schedule: str) -> float:
+    """The learning rate of `epoch` (0-based): a function of the epoch alone, so a resumed run
+    trains each epoch at the rate an uninterrupted one would."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return lr
+
+
 # ---- the skeleton -------------------------------------------------------------------------------
 
 
@@ -389,6 +398,8 @@ class TrainingRun:
     snapshot_epochs: Sequence[int]
     fingerprint: str
     expect: dict = field(default_factory=dict)
+    lr: float | None = None  # None: the optimiser's rate is left as it is
+    lr_schedule: str = "constant"
 
     @property
     def model_ids(self) -> list[str]:
@@ -457,6 +468,9 @@ class TrainingRun:
         with progress_bar(f"train {self.run_id}", total=self.epochs) as advance:
             advance(start)
             for epoch in range(start, self.epochs):
+                if self.lr is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = epoch_lr(self.lr, epoch, self.epochs, self.lr_schedule)
                 history.append(train_epoch(epoch))
                 if epoch in snapshots:
                     save_checkpoint(self.store, snapshot_id(self.run_id, epoch), model.state_dict(),

@@ -103,8 +103,8 @@ def test_cpm2020_marks_this_projects_choices():
         elif line.startswith("  ") and not line.lstrip().startswith("#") and ":" in line:
             marked[f"{section}.{line.split(':')[0].strip()}"] = "# ours" in line
     ours = ["ingest.folds", "ingest.seed", "tile.codec", "embed.weights_tag", "embed.crop", "predict.repeats",
-            "mri.spatial_size", "mri.zoom_prob", "mri.rotate_prob", "mri.elastic_prob", "fusion.bootstrap"]
+            "mri.spatial_size", "mri.lr_schedule", "mri.zoom_prob", "mri.rotate_prob", "mri.elastic_prob", "fusion.bootstrap"]
     papers = ["tile.tile_size", "tile.background_threshold", "wsi.lr", "wsi.epochs", "wsi.tiles_per_slide",
-              "predict.tiles_per_slide", "mri.lr", "mri.epochs", "mri.batch_size", "fusion.prune"]
+              "predict.tiles_per_slide", "mri.flip_prob", "mri.lr", "mri.epochs", "mri.batch_size", "fusion.prune"]
     assert [k for k in ours if not marked[k]] == []
     assert [k for k in papers if marked[k]] == []

@@ -634,3 +634,45 @@ def test_an_in_process_loader_reads_each_volume_once_when_kept(tmp_path, cohort,
     CachedVolumes(store.url, ids)[0]
     CachedVolumes(store.url, ids)[0]
     assert reads[4:] == [ids[0], ids[0]]  # not kept: read at every access
+
+
+def test_elastic_ranges_are_the_same_deformation_on_any_grid():
+    """The configured ranges are in voxels of 128^3; a coarser grid gets them in its own voxels:
+    sigma scales with the grid, magnitude with its 2.5th power (smoothed noise and voxel size)."""
+    from radpath_fs.mri.data import elastic_on_grid
+
+    paper = MRITrainConfig(spatial_size=(128, 128, 128))
+    assert elastic_on_grid(paper) == (tuple(paper.elastic_sigma), tuple(paper.elastic_magnitude))
+    sigma, magnitude = elastic_on_grid(MRITrainConfig(spatial_size=(32, 32, 32)))
+    assert sigma == pytest.approx((0.25, 2.5))
+    assert magnitude == pytest.approx((10 / 32, 200 / 32))
+    # Measured: the mean displacement a 32^3 grid draws, in mm, matches what 128^3 draws.
+    from monai.networks.layers import GaussianFilter
+
+    def mean_shift_mm(size: int, sig: float, mag: float) -> float:
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.rand((1, 3, size, size, size), generator=gen) * 2 - 1
+        field = GaussianFilter(spatial_dims=3, sigma=sig, truncated=3.0)(noise)[0] * mag
+        return float(field.abs().mean()) * (240.0 / size)
+
+    fine = mean_shift_mm(128, 4.0, 100.0)
+    coarse = mean_shift_mm(32, 4.0 * 32 / 128, 100.0 * (32 / 128) ** 2.5)
+    assert coarse == pytest.approx(fine, rel=0.35)
+    assert mean_shift_mm(32, 4.0, 100.0) > 3 * fine  # unscaled, the paper's ranges move a 32^3 grid much further
+
+
+def test_flip_mirrors_left_right_only():
+    vol = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).reshape(2, 4, 5, 6)
+    aug = augment_transforms(MRITrainConfig(spatial_size=(4, 5, 6), flip_prob=1.0, zoom_prob=0, rotate_prob=0,
+                                            elastic_prob=0))
+    assert torch.equal(augment_volume(aug, vol, seed=1), vol.flip(1))
+    never = augment_transforms(MRITrainConfig(spatial_size=(4, 5, 6), flip_prob=0.0, zoom_prob=0, rotate_prob=0,
+                                              elastic_prob=0))
+    assert torch.equal(augment_volume(never, vol, seed=1), vol)
+
+
+def test_cosine_rate_is_a_function_of_the_epoch():
+    rates = [training.epoch_lr(1e-3, e, 10, "cosine") for e in range(10)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] < 0.03 * 1e-3
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert [training.epoch_lr(1e-3, e, 10, "constant") for e in range(10)] == [1e-3] * 10

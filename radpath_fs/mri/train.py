@@ -138,7 +138,8 @@ def training_run(store: Store, cfg: PipelineConfig, fold: int, train: pd.DataFra
     fingerprint = fingerprint_hash({"mri": mri, "seed": cfg.seed, "fold": fold, "train": _ids(train), "val": _ids(val),
                                     "labels": [*train["label"], *val["label"]], "preprocess_version": PREPROCESS_VERSION})
     return TrainingRun(store, mri_run_id(fold), cfg.mri.epochs, cfg.mri.snapshot_epochs(), fingerprint,
-                       expect={"preprocess_version": PREPROCESS_VERSION})
+                       expect={"preprocess_version": PREPROCESS_VERSION}, lr=cfg.mri.lr,
+                       lr_schedule=cfg.mri.lr_schedule)
 
 
 def _usable(store: Store, mcfg: MRITrainConfig, parts, skip_errors: bool):
