@@ -13,7 +13,7 @@
     B/store.json                        so that B opens as a (read-only, models-only) store
     B/models/<model_id>/                model.safetensors + config.json of every member's models
     B/embedders/<embedder_id>/model.safetensors   the embedder of head-mode slide models as the
-                                        store's `embed.store_embedder` builds it (always shipped:
+                                        store's `normstats.store_embedder` builds it (always shipped:
                                         random or timm weights rebuilt on another machine could
                                         differ, and a random one's batch-norm statistics come from
                                         the store's tiles)
@@ -242,7 +242,7 @@ def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
 
 def _training_embedding_attrs(store: Store, eid: str, config: dict) -> dict | None:
     """The attributes of the store's embeddings of one of a model's training cases, if any are complete."""
-    from radpath_fs.embed import embedding_attrs, embedding_is_complete
+    from radpath_fs.embeddings import embedding_attrs, embedding_is_complete
 
     mag = float(config["magnification"])
     case = next((k for k in config.get("train_cases") or [] if embedding_is_complete(store, eid, k, mag)), None)
@@ -259,7 +259,8 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     from safetensors.torch import save_file
 
     from radpath_fs.config import EmbedConfig
-    from radpath_fs.embed import calibration_hash, embedder_record, store_embedder, weights_hash
+    from radpath_fs.embedders import embedder_record, weights_hash
+    from radpath_fs.normstats import calibration_hash, store_embedder
 
     first = configs[0]
     embed = dict(first["embed"])
@@ -526,7 +527,9 @@ def _slide_probabilities(bstore: Store, spec: dict, members: list[dict], case: C
     """Per slide model: {probabilities, votes, tiles}; models whose magnification has no tissue get none."""
     from radpath_fs.cohort import read_slide_info
     from radpath_fs.config import EmbedConfig, TileConfig, validate_stored
-    from radpath_fs.embed import embed_cases, embedder_id, embedding_attrs, embedding_is_complete
+    from radpath_fs.embed import embed_cases
+    from radpath_fs.embedders import embedder_id
+    from radpath_fs.embeddings import embedding_attrs, embedding_is_complete
     from radpath_fs.mil import load_wsi_model
     from radpath_fs.predict import slide_votes
     from radpath_fs.wsi import tile_case

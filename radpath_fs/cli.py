@@ -335,7 +335,7 @@ def weights_check(
     """Offline: the file's keys, shapes, output width and SHA-256 as JSON; exit 2 naming keys that do not fit."""
     import json
 
-    from radpath_fs.weights import check_file
+    from radpath_fs.embedders import check_file
 
     print(json.dumps(check_file(file, embedder), indent=2))
 

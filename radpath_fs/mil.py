@@ -254,7 +254,7 @@ class EmbeddingBags:
     kind = "embeddings"
 
     def __init__(self, store: Store, embedder_id: str, case_ids: Sequence[str], magnification: float):
-        from radpath_fs.embed import embedding_inputs, read_embeddings
+        from radpath_fs.embeddings import embedding_inputs, read_embeddings
 
         self.case_ids = list(case_ids)
         self.bags = []
@@ -483,7 +483,7 @@ def _select_cases(store: Store, magnification: float, fold: int, source_ok: Call
 
 
 def _embedding_available(store: Store, embedder_id: str, magnification: float) -> Callable[[str], bool]:
-    from radpath_fs.embed import embedding_count, embedding_is_complete
+    from radpath_fs.embeddings import embedding_count, embedding_is_complete
 
     def ok(case_id: str) -> bool:
         if embedding_is_complete(store, embedder_id, case_id, magnification):
@@ -531,7 +531,7 @@ class WSIRun:
         self.run_id = wsi_run_id(magnification, fold)
         self.model_ids = [wsi_model_id(magnification, fold, e) for e in self.w.snapshot_epochs()]
 
-        from radpath_fs.embed import embedder_id, weights_hash
+        from radpath_fs.embedders import embedder_id, weights_hash
 
         embed_cfg = cfg.embed
         if mode == "finetune" and weights is not None:
@@ -553,7 +553,8 @@ class WSIRun:
         (normalisation statistics included) and embedder calibration in head mode, each tile
         group's content fingerprint in finetune mode. Re-tiled slides or re-embedded cases make
         another run."""
-        from radpath_fs.embed import embedding_inputs, source_fingerprint
+        from radpath_fs.embeddings import embedding_inputs
+        from radpath_fs.normstats import source_fingerprint
 
         ids = self.train_ids + self.val_ids
         if self.mode == "head":
@@ -611,7 +612,8 @@ class WSITrainer(WSIRun):
         vars(self).update(vars(run or WSIRun(store, cfg, magnification, fold, mode, weights)))
         self.device = device
 
-        from radpath_fs.embed import create_embedder, embedding_width, normalization_stats
+        from radpath_fs.embedders import create_embedder, embedding_width
+        from radpath_fs.normstats import normalization_stats
 
         store, embed_cfg, mag, head_mode = self.store, self.embed_cfg, self.magnification, self.mode == "head"
         self.train_y = np.array([CLASSES.index(c) for c in self.train_labels], dtype=np.int64)
@@ -908,7 +910,7 @@ def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[M
     if config["mode"] == "head":
         embedder: nn.Module = nn.Identity()
     else:
-        from radpath_fs.embed import create_embedder
+        from radpath_fs.embedders import create_embedder
 
         embedder = create_embedder(config["embedder"]["name"], weights=None, pretrained=False)
     h = config["head"]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
+from radpath_fs.folds import INPUT_COLUMN, default_splits, split_cases
 from radpath_fs.predictions import SPLITS, prediction_table, softmax, table_name, write_predictions
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, check_name, mag_key
@@ -40,47 +40,6 @@ def model_config(store: Store, model_id: str) -> dict:
     return store.read_json(rel)
 
 
-_HAS = {"wsi": "has_slide", "mri": "has_mri"}
-
-
-def default_splits(cases: pd.DataFrame, fold: int, modality: str = "wsi") -> list[str]:
-    """oof when the model held a fold out, then each unlabelled split that has cases of the modality."""
-    unlabelled = cases[cases["label"].isna() & cases[_HAS[modality]].astype(bool)]
-    present = set(unlabelled["split"].dropna())
-    return (["oof"] if fold >= 0 else []) + [s for s in SPLITS if s in ("val", "test") and s in present]
-
-
-def split_cases(cases: pd.DataFrame, split: str, fold: int, train_cases: Sequence[str] | None = None,
-                modality: str | None = None, model_id: str = "this model") -> pd.DataFrame:
-    """The rows of the cases table that make up `split` for a model trained without `fold`
-    (only the cases that have the `modality`'s input, when given).
-
-    Out-of-fold rows never include a case the model was trained on (`train_cases`, as its
-    config records them), even where the cases table's folds changed since it was trained.
-    """
-    if modality is not None:
-        cases = cases[cases[_HAS[modality]].astype(bool)]
-    labelled = cases["label"].notna()
-    if split == "oof":
-        if fold < 0:
-            raise RadpathError("split oof: this model was trained on every fold (fold -1); it has no held-out cases")
-        held = cases[labelled & (cases["fold"] == fold)]
-        seen = held["case_id"].isin(set(train_cases or ()))
-        if seen.any():
-            ids = held.loc[seen, "case_id"].astype(str).tolist()
-            warn(f"{model_id}: {len(ids)} case(s) of fold {fold} were among its training cases (the folds "
-                 f"changed since it was trained); they get no out-of-fold row: {', '.join(ids[:5])}"
-                 f"{' ...' if len(ids) > 5 else ''}. Retrain to use the new folds")
-        return held[~seen]
-    if split in ("val", "test"):
-        return cases[~labelled & (cases["split"] == split)]
-    if split == "train":
-        if train_cases is not None:
-            return cases[cases["case_id"].isin(set(train_cases))]
-        return cases[labelled & ((cases["fold"] != fold) if fold >= 0 else True)]
-    raise RadpathError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-
-
 def pending_predictions(store: Store | str) -> list[str]:
     """Model snapshots (models/<id>/config.json with a snapshot) missing a default split's table."""
     store = _as_store(store)
@@ -94,7 +53,7 @@ def pending_predictions(store: Store | str) -> list[str]:
         if not store.exists(f"models/{model_id}/config.json"):
             continue  # a training run's folder (history, resumable state), not a snapshot
         config = store.read_json(f"models/{model_id}/config.json")
-        if "snapshot" not in config or config.get("modality") not in _HAS:
+        if "snapshot" not in config or config.get("modality") not in INPUT_COLUMN:
             continue
         splits = default_splits(cases, int(config.get("fold", -1)), config["modality"])
         if any(not store.has_table(table_name(model_id, s)) for s in splits):
@@ -112,7 +71,7 @@ def predict_models(store_url: Store | str, cfg, model_ids: list[str], splits: li
             raise RadpathError(f"--split {', '.join(bad)}: expected some of {', '.join(SPLITS)}")
     configs = {m: model_config(store, m) for m in model_ids}  # every id checked before any work
     for model_id, config in configs.items():
-        if config.get("modality") not in _HAS:
+        if config.get("modality") not in INPUT_COLUMN:
             raise RadpathError(f"{store.path('models', model_id, 'config.json')}: unknown modality "
                                f"{config.get('modality')!r}")
     with store.lock("predict"):
@@ -171,7 +130,7 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
 
     mag = float(config["magnification"])
     if config["mode"] == "head":
-        from radpath_fs.embed import EMBEDDINGS, embedding_is_complete
+        from radpath_fs.embeddings import EMBEDDINGS, embedding_is_complete
 
         eid = config["embedder"]["id"]
         ok = [c for c in case_ids if embedding_is_complete(store, eid, c, mag)]

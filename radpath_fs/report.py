@@ -266,7 +266,7 @@ def _case_embeddings(store, model, config, case_id, mag, read_tiles) -> np.ndarr
     import torch
 
     if config["mode"] == "head":
-        from radpath_fs.embed import read_embeddings
+        from radpath_fs.embeddings import read_embeddings
 
         return read_embeddings(store, config["embedder"]["id"], case_id, mag, dtype=np.float32)
     from radpath_fs.mil import build_transforms

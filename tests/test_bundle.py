@@ -19,8 +19,8 @@ from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.bundle import BUNDLE_JSON, export_bundle, predict_case, read_bundle
 from radpath_fs.cli import app
 from radpath_fs.config import load_config
-from radpath_fs.embed import normalization_stats
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.normstats import normalization_stats
 from radpath_fs.pipeline import run_pipeline
 from radpath_fs.predict import PREDICT_METADATA, predict_settings
 from radpath_fs.predictions import SCHEMA
@@ -125,7 +125,7 @@ def test_bundle_holds_the_primary_ensemble(built):
     # ... with the batch-norm statistics the store estimated from its tiles, which made its embeddings.
     from safetensors.torch import load_file
 
-    from radpath_fs.embed import calibration_hash, calibration_rel
+    from radpath_fs.normstats import calibration_hash, calibration_rel
     from radpath_fs.training import load_safetensors_bytes
 
     shipped = load_file(bundle / embedder["file"])
@@ -266,7 +266,7 @@ def _slide_models(spec: dict) -> list[str]:
 
 
 def test_predict_case_embeds_uncompiled_in_case_batches_with_the_shipped_weights(built, tmp_path, monkeypatch):
-    from radpath_fs import embed
+    from radpath_fs import embed, embedders
 
     _, _, _, store, bundle = built
 
@@ -276,7 +276,7 @@ def test_predict_case_embeds_uncompiled_in_case_batches_with_the_shipped_weights
 
     copy = _edited_copy(bundle, tmp_path / "b", gpu_training_settings)
     made, loaded = [], []
-    real_init, real_load = embed.Embedder.__init__, embed.load_weights
+    real_init, real_load = embed.Embedder.__init__, embedders.load_weights
 
     def init(self, model, device, *, compile=False, batch_size=None):
         assert not compile, "predict-case compiled the embedder (the container has no C compiler)"
@@ -284,7 +284,7 @@ def test_predict_case_embeds_uncompiled_in_case_batches_with_the_shipped_weights
         real_init(self, model, device, compile=compile, batch_size=batch_size)
 
     monkeypatch.setattr(embed.Embedder, "__init__", init)
-    monkeypatch.setattr(embed, "load_weights", lambda model, w: (loaded.append(str(w)), real_load(model, w))[1])
+    monkeypatch.setattr(embedders, "load_weights", lambda model, w: (loaded.append(str(w)), real_load(model, w))[1])
     monkeypatch.setattr(embed, "_EMBEDDERS", {})
     case = _unlabelled(store)[0]
     out = predict_case(copy, _case_folder(tmp_path / "case", case, "flat"), device="cpu")

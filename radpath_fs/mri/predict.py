@@ -13,6 +13,7 @@ import torch
 
 from radpath_fs.config import MRITrainConfig, PipelineConfig, validate_stored
 from radpath_fs.errors import RadpathError, StoreError
+from radpath_fs.folds import default_splits, split_cases
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader, volume_bytes
 from radpath_fs.mri.preprocess import (
     MRI_ERRORS,
@@ -22,7 +23,6 @@ from radpath_fs.mri.preprocess import (
     recorded_errors,
 )
 from radpath_fs.mri.train import Runtime, build_network, predict_logits
-from radpath_fs.predict import default_splits, split_cases
 from radpath_fs.predictions import SPLITS, prediction_table, write_predictions
 from radpath_fs.progress import info, warn
 from radpath_fs.store import Store

@@ -18,7 +18,7 @@ import torch
 
 from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig
-from radpath_fs.embed import embedder_id
+from radpath_fs.embedders import embedder_id
 from radpath_fs.mil import train_wsi, wsi_run_id
 from radpath_fs.store import Store
 
