@@ -42,7 +42,10 @@ class EmbedderPreset:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # further ``timm.create_model`` arguments
 
 
-# embed.name -> preset. Names not here are built as timm models of that name.
+# embed.name -> preset. Names not here are built as timm models of that name. An encoder published
+# on the Hugging Face hub is one more entry, e.g.
+#   "uni": EmbedderPreset("hf-hub:MahmoodLab/uni", num_features=1024,
+#                         timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True}),
 PRESETS: dict[str, EmbedderPreset] = {
     "efficientnet_b0": EmbedderPreset("efficientnet_b0", num_features=1280),
     "mobilenetv3_small_050": EmbedderPreset("mobilenetv3_small_050", num_features=1024),
@@ -83,11 +86,8 @@ def create_embedder(
         raise ConfigError("embed: give either weights (a local file) or pretrained=True, not both")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if preset is None:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        else:
-            model = timm.create_model(preset.model, pretrained=pretrained, num_classes=0,
-                                      **{**preset.timm_kwargs, **kwargs})
+        arch, preset_kwargs = (name, {}) if preset is None else (preset.model, preset.timm_kwargs)
+        model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **{**preset_kwargs, **kwargs})
     if preset is not None and embedding_width(model) != preset.num_features:
         raise ConfigError(f"embedder preset {name!r} says L={preset.num_features}, "
                           f"and {preset.model} gives {embedding_width(model)}; correct PRESETS")
