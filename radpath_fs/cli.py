@@ -28,10 +28,10 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML; defaults t
 
 
 def _command(typed: str, group: typer.Typer = app):
-    """Register the command typed `radpath <typed>` on `group`; see `_user_errors`."""
+    """Register the command typed `radpath <typed>` on `group`; see `user_errors`."""
 
     def register(fn):
-        return group.command(typed.split()[-1])(_user_errors(typed, fn))
+        return group.command(typed.split()[-1])(user_errors(typed, fn))
 
     return register
 
@@ -40,7 +40,7 @@ class _BadOptions(Exception):
     """The config built from a command's own options failed validation (args[0]: pydantic's error)."""
 
 
-def _with_options(cfg, **options):
+def with_options(cfg, **options):
     """`cfg` (a config section) with the options that were given (not None), validated like YAML."""
     from pydantic import ValidationError
 
@@ -51,7 +51,7 @@ def _with_options(cfg, **options):
         raise _BadOptions(e) from None
 
 
-def _user_errors(command: str, fn):
+def user_errors(command: str, fn):
     """User errors print one `error:` line per problem and exit with code 2; bugs keep their traceback."""
 
     @functools.wraps(fn)
@@ -77,9 +77,9 @@ def _user_errors(command: str, fn):
 
 
 def _config_error(source: str, err) -> ConfigError:
-    from radpath_fs.config import _format_errors
+    from radpath_fs.config import format_errors
 
-    return ConfigError(_format_errors(source, err))
+    return ConfigError(format_errors(source, err))
 
 
 def _unused_scheduler(why: str):
@@ -127,7 +127,7 @@ def synth(
     from radpath_fs.config import SynthConfig
     from radpath_fs.synth import synth_cohort
 
-    cfg = _with_options(SynthConfig(), cases=cases, seed=seed, wsi_mpp=wsi_mpp, label_noise=label_noise,
+    cfg = with_options(SynthConfig(), cases=cases, seed=seed, wsi_mpp=wsi_mpp, label_noise=label_noise,
                         unlabelled=unlabelled, wsi_size=_size(wsi_size, 2, "--wsi-size"),
                         mri_size=_size(mri_size, 3, "--mri-size"))
     synth_cohort(out, cfg)
@@ -148,7 +148,7 @@ def ingest(
     from radpath_fs.cohort import ingest as run_ingest
     from radpath_fs.config import IngestConfig
 
-    cfg = _with_options(IngestConfig(), folds=folds, seed=seed, default_mpp=default_mpp, skip_errors=skip_errors)
+    cfg = with_options(IngestConfig(), folds=folds, seed=seed, default_mpp=default_mpp, skip_errors=skip_errors)
     run_ingest(store, data, labels, cfg, unlabelled_split=unlabelled_split)
 
 
@@ -169,7 +169,7 @@ def tile(
 
     if device not in ("auto", "cpu"):
         warn(f"--device {device}: tiling runs on the CPU; the option has no effect")
-    cfg = _with_options(_config(config).tile, magnifications=_floats(mags), codec=codec)
+    cfg = with_options(_config(config).tile, magnifications=_floats(mags), codec=codec)
     tile_store(store, cfg, scheduler=scheduler, skip_errors=skip_errors)
 
 
@@ -192,7 +192,7 @@ def embed(
     base = _config(config).embed
     if weights is not None:  # another file than the config's: its tag and pin are not this one's
         base = base.model_copy(update={"weights_tag": None})
-    cfg = _with_options(base, name=embedder, weights=weights, normalization=normalization, batch_size=batch_size)
+    cfg = with_options(base, name=embedder, weights=weights, normalization=normalization, batch_size=batch_size)
     embed_store(store, cfg, device=device, scheduler=scheduler)
 
 
@@ -335,7 +335,7 @@ def weights_check(
     """Offline: the file's keys, shapes, output width and SHA-256 as JSON; exit 2 naming keys that do not fit."""
     import json
 
-    from radpath_fs.weights import check_file
+    from radpath_fs.embedders import check_file
 
     print(json.dumps(check_file(file, embedder), indent=2))
 
@@ -354,7 +354,7 @@ def bundle_export(
                                        "default: the settings the prediction tables record (it must agree with them)"),
 ):
     """Pack an ensemble (weights, transforms, normalisation, fusion weights) into one folder."""
-    from radpath_fs.bundle import export_bundle
+    from radpath_fs.bundle.export import export_bundle
 
     export_bundle(store, ensemble, out, config=_config(config) if config else None)
 
@@ -369,7 +369,7 @@ def predict_case(
     """Classify one case folder end to end with a bundle; print the class and probabilities as JSON."""
     import json
 
-    from radpath_fs.bundle import predict_case as run_case
+    from radpath_fs.bundle.predict_case import predict_case as run_case
 
     print(json.dumps(run_case(bundle, case_dir, device=device, mpp=mpp), indent=2))
 

@@ -309,7 +309,8 @@ class PipelineConfig(Section):
             raise ValueError(f"{v!r}: expected one of {SCHEDULERS}") from None
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def format_errors(source: str, err: ValidationError) -> str:
+    """A pydantic ValidationError as the message of a ConfigError: one line per error, naming `source` and the key."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -324,7 +325,7 @@ def validate_stored(model: type[BaseModel], data: object, source: str):
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(source, err)) from None
+        raise ConfigError(format_errors(source, err)) from None
 
 
 def parse_config(data: object, source: str = "<config>") -> PipelineConfig:
@@ -335,7 +336,7 @@ def parse_config(data: object, source: str = "<config>") -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(source, err)) from None
+        raise ConfigError(format_errors(source, err)) from None
 
 
 def load_config(path: str | Path) -> PipelineConfig:

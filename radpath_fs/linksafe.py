@@ -1,15 +1,40 @@
-"""A zarr LocalStore that writes and deletes nothing through a symbolic link (store.refuse_links).
+"""Nothing is written or deleted through a symbolic link inside a store.
 
-Zarr writes each chunk and metadata file under the store's folder by path; a link planted at any
-level (`tiles.zarr`, `tiles.zarr/<case>`, a chunk folder) would otherwise redirect those writes,
-and a group rewrite's delete, outside the store. Reads are left alone.
+A link planted there (`tiles.zarr/<case> -> ~/elsewhere`) must not let radpath change files outside
+the store. `refuse_links` checks a path before a write; `LinkSafeLocalStore`, the zarr LocalStore of
+a local store, checks every key it writes or deletes: zarr writes each chunk and metadata file
+under the store's folder by path, and a link at any level (`tiles.zarr`, `tiles.zarr/<case>`, a
+chunk folder) would otherwise redirect those writes, and a group rewrite's delete, outside the
+store. Reads follow links.
 """
 
 from __future__ import annotations
 
+import os
+
 from zarr.storage import LocalStore
 
-from radpath_fs.store import refuse_links
+from radpath_fs.errors import StoreError
+
+
+def refuse_links(base: str | os.PathLike, rel: str) -> None:
+    """Raise StoreError when `base/rel`, or a folder on the way to it below `base`, is a symbolic link.
+
+    `base` itself may be a link (a store folder kept on another disk).
+    """
+    parts = [p for p in rel.split("/") if p]
+    if rel.startswith("/") or ".." in parts:
+        raise StoreError(f"{rel!r} is not a location inside the store (absolute, or climbing out with '..')")
+    current = os.fspath(base)
+    for part in parts:
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise StoreError(
+                f"{current}: is a symbolic link (to {os.readlink(current)}); radpath writes nothing through a "
+                "link inside a store, so that no write can land outside it. Put the folder or file itself there."
+            )
+        if not os.path.exists(current):
+            return  # nothing below exists yet: no link can be on the way
 
 
 class LinkSafeLocalStore(LocalStore):

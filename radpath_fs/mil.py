@@ -248,7 +248,7 @@ class EmbeddingBags:
     kind = "embeddings"
 
     def __init__(self, store: Store, embedder_id: str, case_ids: Sequence[str], magnification: float):
-        from radpath_fs.embed import embedding_inputs, read_embeddings
+        from radpath_fs.embeddings import embedding_inputs, read_embeddings
 
         self.case_ids = list(case_ids)
         self.bags = []
@@ -463,7 +463,7 @@ def _select_cases(store: Store, magnification: float, fold: int, source_ok: Call
 
 
 def _embedding_available(store: Store, embedder_id: str, magnification: float) -> Callable[[str], bool]:
-    from radpath_fs.embed import embedding_count, embedding_is_complete
+    from radpath_fs.embeddings import embedding_count, embedding_is_complete
 
     def ok(case_id: str) -> bool:
         if embedding_is_complete(store, embedder_id, case_id, magnification):
@@ -509,7 +509,7 @@ class WSIRun:
         self.store, self.cfg, self.w = store, cfg, cfg.wsi
         self.magnification, self.fold, self.mode = float(magnification), int(fold), mode
 
-        from radpath_fs.embed import embedder_id, weights_hash
+        from radpath_fs.embedders import embedder_id, weights_hash
 
         embed_cfg = cfg.embed
         if mode == "finetune" and weights is not None:
@@ -541,7 +541,8 @@ class WSIRun:
         (normalisation statistics included) and embedder calibration in head mode, each tile
         group's content fingerprint in finetune mode. Re-tiled slides or re-embedded cases make
         another run."""
-        from radpath_fs.embed import embedding_inputs, source_fingerprint
+        from radpath_fs.embeddings import embedding_inputs
+        from radpath_fs.normstats import source_fingerprint
 
         ids = self.train_ids + self.val_ids
         if self.mode == "head":
@@ -567,7 +568,8 @@ class WSITrainer:
     """One training run (`WSIRun`), loaded and ready to train: `fit()` runs it to the end."""
 
     def __init__(self, run: WSIRun, device: torch.device):
-        from radpath_fs.embed import create_embedder, embedding_width, normalization_stats
+        from radpath_fs.embedders import create_embedder, embedding_width
+        from radpath_fs.normstats import normalization_stats
 
         self.run = run
         self.rt = Runtime(device, spatial_dims=2)
@@ -784,7 +786,7 @@ def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[M
     if config["mode"] == "head":
         embedder: nn.Module = nn.Identity()
     else:
-        from radpath_fs.embed import create_embedder
+        from radpath_fs.embedders import create_embedder
 
         embedder = create_embedder(config["embedder"]["name"], weights=None, pretrained=False)
     h = config["head"]

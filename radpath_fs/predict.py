@@ -130,13 +130,12 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
 
     mag = float(config["magnification"])
     if config["mode"] == "head":
-        from radpath_fs.embed import EMBEDDINGS, embedding_is_complete
+        from radpath_fs.embeddings import EMBEDDINGS, embedding_is_complete
 
         eid = config["embedder"]["id"]
         ok = [c for c in case_ids if embedding_is_complete(store, eid, c, mag)]
         source = EmbeddingBags(store, eid, ok, mag)
-        trained_on = config.get("embedding_transform")  # absent in models made before it was recorded
-        if ok and trained_on is not None and source.transform != trained_on:
+        if ok and source.transform != config["embedding_transform"]:
             raise StoreError(
                 f"{store.path(EMBEDDINGS, eid)}: embedded with other normalisation statistics than model "
                 f"{config['run_id']} (snapshot {config['snapshot']}) was trained on (`radpath embed` recomputes "
@@ -180,7 +179,7 @@ def slide_votes(store: Store, cfg, model_id: str, model, config: dict, case_ids:
     if mode == "finetune":
         # The training augmentation, tile by tile (a head-only model's inputs are cached embeddings).
         norm = config["normalization"]
-        train_tf, eval_tf = build_transforms(_wsi_section(config), norm["mean"], norm["std"])
+        train_tf, eval_tf = build_transforms(wsi_section(config), norm["mean"], norm["std"])
         transform = (train_tf if p.augment else eval_tf).to(dev)
     logits = np.zeros((len(keep), p.repeats, len(CLASSES)), np.float32)
     total = sum(min(p.tiles_per_slide, source.n_tiles(i)) for i in keep) * p.repeats
@@ -238,7 +237,8 @@ def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split:
     return path
 
 
-def _wsi_section(config: dict):
+def wsi_section(config: dict):
+    """The training settings (WSITrainConfig) a slide model's config.json records."""
     from radpath_fs.config import WSITrainConfig, validate_stored
 
     return validate_stored(WSITrainConfig, config["wsi"], f"models/{config['model_id']}/config.json: wsi")

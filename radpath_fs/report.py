@@ -266,14 +266,14 @@ def _case_embeddings(store, model, config, case_id, mag, read_tiles) -> np.ndarr
     import torch
 
     if config["mode"] == "head":
-        from radpath_fs.embed import read_embeddings
+        from radpath_fs.embeddings import read_embeddings
 
         return read_embeddings(store, config["embedder"]["id"], case_id, mag, dtype=np.float32)
     from radpath_fs.mil import build_transforms
-    from radpath_fs.predict import _wsi_section
+    from radpath_fs.predict import wsi_section
 
     norm = config["normalization"]
-    _, evaluate = build_transforms(_wsi_section(config), norm["mean"], norm["std"])
+    _, evaluate = build_transforms(wsi_section(config), norm["mean"], norm["std"])
     tiles = read_tiles(store, case_id, mag)
     with torch.no_grad():
         return torch.cat([model.embed(evaluate(torch.as_tensor(tiles[i:i + 64])))

@@ -56,27 +56,6 @@ def _inside(parts: tuple[str, ...]) -> tuple[str, ...]:
     return parts
 
 
-def refuse_links(base: str | os.PathLike, rel: str) -> None:
-    """Raise StoreError when `base/rel`, or a folder on the way to it below `base`, is a symbolic link.
-
-    Nothing is written or deleted through a link inside a store: a link planted there
-    (`tiles.zarr/<case> -> ~/elsewhere`) must not let radpath change files outside the store.
-    `base` itself may be a link (a store folder kept on another disk). Reads follow links.
-    """
-    current = os.fspath(base)
-    for part in _inside((rel,))[0].split("/"):
-        if not part:
-            continue
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            raise StoreError(
-                f"{current}: is a symbolic link (to {os.readlink(current)}); radpath writes nothing through a "
-                "link inside a store, so that no write can land outside it. Put the folder or file itself there."
-            )
-        if not os.path.exists(current):
-            return  # nothing below exists yet: no link can be on the way
-
-
 def mag_key(magnification: float) -> str:
     """Zarr group name of a magnification: 20 -> '20', 2.5 -> '2.5'."""
     return f"{float(magnification):g}"
@@ -120,8 +99,10 @@ class Store:
         return os.path.join(self.root, *_inside(parts))
 
     def check_no_links(self, rel: str) -> None:
-        """Refuse a symbolic link on the way to `rel` (see `refuse_links`); object stores have none."""
+        """Refuse a symbolic link on the way to `rel` (see `linksafe.refuse_links`); object stores have none."""
         if self.is_local:
+            from radpath_fs.linksafe import refuse_links
+
             refuse_links(self.root, rel)
 
     def url_of(self, *parts: str) -> str:

@@ -4,8 +4,8 @@
   access): builds the timm model with its pretrained weights and writes ``DIR/<name>.safetensors``
   and, beside it, ``DIR/<name>.json``: the file's SHA-256, the source tag, timm's pretrained config
   (mean, std, input size, interpolation) and the licence as timm states it. That JSON is the pin.
-- `check_file(path, embedder)` (`radpath weights check`): offline; the file's keys, shapes, output
-  width and SHA-256, or an InputError naming the keys that do not fit.
+- `verify_pin(path, tag)`: a fetched file against its pin (`radpath weights check` reports it,
+  through `embedders.check_file`).
 - `check_weights(cfg)`: before any work, an embedder's weights are said (a file, `random`, or
   `pretrained`), and a fetched file (`embed.weights_tag`) is present and matches its pin.
 """
@@ -145,22 +145,3 @@ def check_weights(cfg: EmbedConfig) -> None:
     elif cfg.weights_file is not None and not cfg.weights_file.is_file():
         raise InputError(cfg.weights_file, "weights file not found (embed.weights)")
 
-
-def check_file(path: str | os.PathLike, embedder: str) -> dict:
-    """What a weights file holds and whether it fits `embedder`: an InputError naming the offending keys if not."""
-    from radpath_fs.embed import create_embedder, embedding_width, read_state_dict
-
-    path = Path(path)
-    state = read_state_dict(path)
-    model = create_embedder(embedder, path)
-    report = {
-        "file": str(path),
-        "embedder": embedder,
-        "sha256": sha256_file(path),
-        "output_width": embedding_width(model),
-        "keys": len(state),
-        "shapes": {k: list(v.shape) for k, v in state.items()},
-    }
-    if pin_path(path).is_file():
-        report["pin"] = verify_pin(path, None)["tag"]
-    return report

@@ -24,7 +24,7 @@ from test_mri import _affine, _nan
 from test_tile import blank_slide
 from typer.testing import CliRunner
 
-from radpath_fs.cli import _user_errors, _with_options, app
+from radpath_fs.cli import app, user_errors, with_options
 from radpath_fs.cohort import ingest
 from radpath_fs.config import IngestConfig, PredictConfig, TileConfig, load_config
 from radpath_fs.predictions import write_predictions
@@ -287,12 +287,12 @@ def test_only_a_commands_own_options_are_blamed_on_its_options(capsys):
         PredictConfig.model_validate({"chunk": 1})
 
     def bad_option():
-        _with_options(TileConfig(), codec="png")
+        with_options(TileConfig(), codec="png")
 
     for fn, message in ((stored_config, "error: invalid configuration: chunk: unknown key"),
                         (bad_option, "error: radpath bundle export options: codec:")):
         with pytest.raises(typer.Exit):
-            _user_errors("bundle export", fn)()
+            user_errors("bundle export", fn)()
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("error:") == 1, err
 

@@ -16,11 +16,13 @@ import yaml
 from typer.testing import CliRunner
 
 from radpath_fs import CLASSES, MODALITIES
-from radpath_fs.bundle import BUNDLE_JSON, export_bundle, predict_case, read_bundle
+from radpath_fs.bundle.export import export_bundle
+from radpath_fs.bundle.format import BUNDLE_JSON, read_bundle
+from radpath_fs.bundle.predict_case import predict_case
 from radpath_fs.cli import app
 from radpath_fs.config import load_config
-from radpath_fs.embed import normalization_stats
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.normstats import normalization_stats
 from radpath_fs.pipeline import run_pipeline
 from radpath_fs.predict import PREDICT_METADATA, predict_settings
 from radpath_fs.predictions import SCHEMA
@@ -125,7 +127,7 @@ def test_bundle_holds_the_primary_ensemble(built):
     # ... with the batch-norm statistics the store estimated from its tiles, which made its embeddings.
     from safetensors.torch import load_file
 
-    from radpath_fs.embed import calibration_hash, calibration_rel
+    from radpath_fs.normstats import calibration_hash, calibration_rel
     from radpath_fs.training import load_safetensors_bytes
 
     shipped = load_file(bundle / embedder["file"])
@@ -238,6 +240,10 @@ def test_a_damaged_bundle_and_an_empty_case_folder_are_clear_errors(built, tmp_p
     r = runner.invoke(app, ["predict-case", "--bundle", str(broken), str(case)])
     assert r.exit_code == 2 and "not a radpath bundle" in r.output
 
+    older = _edited_copy(bundle, tmp_path / "older", lambda spec: spec.update(format_version=1))
+    with pytest.raises(InputError, match="bundle format version 1; .*re-export the bundle"):
+        read_bundle(older)
+
     empty = tmp_path / "empty"
     (empty / "notes").mkdir(parents=True)
     (empty / "readme.txt").write_text("no images here")
@@ -266,7 +272,7 @@ def _slide_models(spec: dict) -> list[str]:
 
 
 def test_predict_case_embeds_uncompiled_in_case_batches_with_the_shipped_weights(built, tmp_path, monkeypatch):
-    from radpath_fs import embed
+    from radpath_fs import embed, embedders
 
     _, _, _, store, bundle = built
 
@@ -276,7 +282,7 @@ def test_predict_case_embeds_uncompiled_in_case_batches_with_the_shipped_weights
 
     copy = _edited_copy(bundle, tmp_path / "b", gpu_training_settings)
     made, loaded = [], []
-    real_init, real_load = embed.Embedder.__init__, embed.load_weights
+    real_init, real_load = embed.Embedder.__init__, embedders.load_weights
 
     def init(self, model, device, *, compile=False, batch_size=None):
         assert not compile, "predict-case compiled the embedder (the container has no C compiler)"
@@ -284,7 +290,7 @@ def test_predict_case_embeds_uncompiled_in_case_batches_with_the_shipped_weights
         real_init(self, model, device, compile=compile, batch_size=batch_size)
 
     monkeypatch.setattr(embed.Embedder, "__init__", init)
-    monkeypatch.setattr(embed, "load_weights", lambda model, w: (loaded.append(str(w)), real_load(model, w))[1])
+    monkeypatch.setattr(embedders, "load_weights", lambda model, w: (loaded.append(str(w)), real_load(model, w))[1])
     monkeypatch.setattr(embed, "_EMBEDDERS", {})
     case = _unlabelled(store)[0]
     out = predict_case(copy, _case_folder(tmp_path / "case", case, "flat"), device="cpu")
@@ -310,8 +316,8 @@ def test_a_transform_other_than_the_models_were_trained_on_is_refused(built, tmp
         predict_case(copy, case, device="cpu")
 
 
-def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp_path, monkeypatch, capsys):
-    import radpath_fs.bundle as bundle_mod
+def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp_path, monkeypatch):
+    import radpath_fs.predict as predict_mod
 
     _, _, cfg, store, bundle = built
     mid = _slide_models(read_bundle(bundle))[0]
@@ -330,13 +336,12 @@ def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp
         with pytest.raises(ConfigError, match=said) as err:
             export_bundle(store.url, None, tmp_path / "x", config=other(**settings))
         assert "predictions/wsi-" in str(err.value) and not (tmp_path / "x").exists()
-    # Tables of an earlier radpath_fs: only their repeats column can be checked; the rest is warned about.
-    monkeypatch.setattr(bundle_mod, "_recorded_settings", lambda store, name: None)
-    with pytest.raises(ConfigError, match="predict.repeats=3"):
-        export_bundle(store.url, None, tmp_path / "x", config=other(repeats=5))
-    capsys.readouterr()
-    export_bundle(store.url, None, tmp_path / "y", config=other(tiles_per_slide=16))
-    assert "cannot be checked" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    # A table that records no settings (an earlier radpath_fs wrote it) is one error, with or without a config.
+    monkeypatch.setattr(predict_mod, "PREDICT_METADATA", b"radpath.unrecorded")
+    for config in (cfg, None):
+        with pytest.raises(ConfigError, match=r"predictions/wsi-.*records no predict settings.*rerun `radpath predict`"):
+            export_bundle(store.url, None, tmp_path / "x", config=config)
+        assert not (tmp_path / "x").exists()
 
 
 def test_mri_models_of_older_preprocessing_are_refused(built, tmp_path, monkeypatch, capsys):
@@ -352,17 +357,17 @@ def test_mri_models_of_older_preprocessing_are_refused(built, tmp_path, monkeypa
     rel = f"models/{mid}/config.json"
     old = {**json.loads((bundle / rel).read_text()), "preprocess_version": 1}
     copy = _edited_copy(bundle, tmp_path / "old", files={rel: json.dumps(old).encode()})
-    with pytest.raises(StoreError, match=r"version-1 preprocessing.*`radpath train-mri`, then export the bundle again"):
+    with pytest.raises(StoreError, match=r"preprocessing version 1,.*`radpath train-mri`, then export the bundle again"):
         predict_case(copy, case, device="cpu")
 
     real = predict_mod.model_config
-    for change in ({"preprocess_version": 1}, {"preprocess_version": None}):  # None: made before it was recorded
+    for change in ({"preprocess_version": 1}, {"preprocess_version": None}):  # None: a config that records none
         def model_config(store, model_id, change=change):
             config = {**real(store, model_id), **change}
             return {k: v for k, v in config.items() if v is not None}
 
         monkeypatch.setattr(predict_mod, "model_config", model_config)
-        with pytest.raises(StoreError, match=r"its MRI model was trained on version-1 preprocessing.*train-mri"):
+        with pytest.raises(StoreError, match=r"its MRI model was trained on preprocessing version (1|None),.*train-mri"):
             export_bundle(store.url, "mri", tmp_path / "x", config=cfg)
         assert not (tmp_path / "x").exists()
 

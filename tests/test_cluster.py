@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from chain_data import CHAIN, assert_same_store, run_chain
 
-from radpath_fs.embed import embedder_id, read_embeddings
+from radpath_fs.embedders import embedder_id
+from radpath_fs.embeddings import read_embeddings
 
 
 def test_local_cluster_builds_the_same_store_as_one_process(chain_reference, tmp_path):

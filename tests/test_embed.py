@@ -12,9 +12,20 @@ import torch
 import torchvision.transforms.v2.functional as TF
 import zarr
 
-from radpath_fs import embed as E
+from radpath_fs import normstats
 from radpath_fs.config import ColorJitterConfig, EmbedConfig, TileConfig
+from radpath_fs.embed import BatchReader, embed_store
+from radpath_fs.embedders import (
+    PRESETS,
+    EmbedderPreset,
+    create_embedder,
+    embedder_id,
+    embedding_width,
+    weights_hash,
+)
+from radpath_fs.embeddings import embedding_attrs, embedding_is_complete, read_embeddings
 from radpath_fs.errors import ConfigError, InputError, StoreError
+from radpath_fs.normstats import calibration_hash, calibration_rel, store_embedder, tile_normalization
 from radpath_fs.store import Store
 from radpath_fs.tilestore import write_tile_group
 from radpath_fs.transforms import (
@@ -69,31 +80,31 @@ def embedded(tmp_path_factory):
     store = make_store(root / "store")
     shutil.copytree(root / "store", root / "pristine")
     cfg = EmbedConfig(**SMALL)
-    summary = E.embed_store(store.url, cfg, device="cpu", scheduler="sync")
+    summary = embed_store(store.url, cfg, device="cpu", scheduler="sync")
     return store, cfg, summary, root
 
 
 # ---- embedders ---------------------------------------------------------------------------------
 def test_efficientnet_b0_default_embedder():
-    model = E.create_embedder()
+    model = create_embedder()
     assert model.num_features == 1280
     with torch.inference_mode():
         out = model.eval()(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 1280)
     assert not any("classifier" in k for k in model.state_dict())
-    assert E.embedder_id(EmbedConfig()) == "efficientnet_b0-random-s0-c224-dataset"
+    assert embedder_id(EmbedConfig()) == "efficientnet_b0-random-s0-c224-dataset"
 
 
 def test_random_weights_are_seeded_and_ids_encode_them():
-    a, b, c = (E.create_embedder("resnet18", seed=s) for s in (0, 0, 1))
+    a, b, c = (create_embedder("resnet18", seed=s) for s in (0, 0, 1))
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
     ids = {
-        E.embedder_id(EmbedConfig(name="resnet18", seed=1)),
-        E.embedder_id(EmbedConfig(name="resnet18", crop="resize")),
-        E.embedder_id(EmbedConfig(name="resnet18", normalization="imagenet")),
-        E.embedder_id(EmbedConfig(name="resnet18", input_size=256)),
-        E.embedder_id(EmbedConfig(name="resnet18")),
+        embedder_id(EmbedConfig(name="resnet18", seed=1)),
+        embedder_id(EmbedConfig(name="resnet18", crop="resize")),
+        embedder_id(EmbedConfig(name="resnet18", normalization="imagenet")),
+        embedder_id(EmbedConfig(name="resnet18", input_size=256)),
+        embedder_id(EmbedConfig(name="resnet18")),
     }
     assert len(ids) == 5
     assert "resnet18-random-s1-c224-dataset" in ids and "resnet18-random-s0-r224-dataset" in ids
@@ -101,12 +112,27 @@ def test_random_weights_are_seeded_and_ids_encode_them():
 
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(ConfigError, match="not a timm model"):
-        E.create_embedder("efficientnet_b99")
+        create_embedder("efficientnet_b99")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_states_what_its_model_is(name):
+    preset, model = PRESETS[name], create_embedder(name)
+    assert embedding_width(model) == preset.num_features
+    stated = model.pretrained_cfg
+    assert (tuple(stated["mean"]), tuple(stated["std"]), stated["input_size"][-1]) == (
+        preset.mean, preset.std, preset.input_size)
+
+
+def test_a_preset_with_a_wrong_width_is_a_config_error(monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", EmbedderPreset("resnet18", num_features=99))
+    with pytest.raises(ConfigError, match="preset 'tiny' says L=99, and resnet18 gives 512"):
+        create_embedder("tiny")
 
 
 def test_a_compiled_model_is_not_shared_between_threads(tmp_path):
     with pytest.raises(ConfigError, match="embed.compile"):
-        E.embed_store(str(tmp_path), EmbedConfig(**SMALL, compile=True), scheduler="threads")
+        embed_store(str(tmp_path), EmbedConfig(**SMALL, compile=True), scheduler="threads")
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -121,50 +147,50 @@ def test_weights_file_loads_and_classifier_keys_are_ignored(tmp_path, suffix):
         save_file(state, str(path))
     else:
         torch.save({"state_dict": state}, path)
-    model = E.create_embedder("resnet18", weights=path)
+    model = create_embedder("resnet18", weights=path)
     assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     cfg = EmbedConfig(name="resnet18", weights=path)
-    assert E.embedder_id(cfg) == f"resnet18-w{E.weights_hash(path)}-c224-dataset"
-    assert len(E.weights_hash(path)) == 12
+    assert embedder_id(cfg) == f"resnet18-w{weights_hash(path)}-c224-dataset"
+    assert len(weights_hash(path)) == 12
 
 
 def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "effnet.safetensors"
-    save_file({k: v.contiguous() for k, v in E.create_embedder("efficientnet_b0").state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in create_embedder("efficientnet_b0").state_dict().items()}, str(path))
     with pytest.raises(InputError) as err:
-        E.create_embedder("resnet18", weights=path)
+        create_embedder("resnet18", weights=path)
     msg = str(err.value)
     assert str(path) in msg and "missing keys" in msg and "conv1.weight" in msg and "unexpected keys" in msg
     # embed_store checks the file before taking the lock or touching the store
     store = make_store(tmp_path / "s")
     with pytest.raises(InputError, match="do not fit"):
-        E.embed_store(store.url, EmbedConfig(name="resnet18", weights=path, input_size=48), device="cpu")
+        embed_store(store.url, EmbedConfig(name="resnet18", weights=path, input_size=48), device="cpu")
     assert not store.exists("embeddings.zarr")
 
 
 def test_weights_shape_mismatch_and_pickles_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in E.create_embedder("resnet18").state_dict().items()}
+    state = {k: v.contiguous() for k, v in create_embedder("resnet18").state_dict().items()}
     state["conv1.weight"] = torch.zeros(32, 3, 7, 7)
     path = tmp_path / "w.safetensors"
     save_file(state, str(path))
     with pytest.raises(InputError, match=r"shape mismatches \(first: conv1.weight"):
-        E.create_embedder("resnet18", weights=path)
+        create_embedder("resnet18", weights=path)
     # A .pth holding anything but tensors is refused by the restricted unpickler; a pickle disguised
     # as .safetensors is refused by content (test_security.py has more).
     evil = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "x": pd.Timestamp(0)}, evil)
     with pytest.raises(InputError, match="weights_only"):
-        E.create_embedder("resnet18", weights=evil)
+        create_embedder("resnet18", weights=evil)
     disguised = tmp_path / "evil.safetensors"
     disguised.write_bytes(evil.read_bytes())
     with pytest.raises(InputError, match="is a pickle"):
-        E.create_embedder("resnet18", weights=disguised)
+        create_embedder("resnet18", weights=disguised)
     with pytest.raises(InputError, match="not found"):
-        E.create_embedder("resnet18", weights=tmp_path / "nope.safetensors")
+        create_embedder("resnet18", weights=tmp_path / "nope.safetensors")
 
 
 # ---- transforms --------------------------------------------------------------------------------
@@ -225,37 +251,37 @@ def _numpy_stats(store, cases, mags):
 def test_tile_normalization_equals_numpy_on_training_tiles(tmp_path, monkeypatch):
     store = make_store(tmp_path / "s")
     # Blocks and reads that do not divide the groups (6 and 5 tiles at 20x): partial ones are counted once.
-    monkeypatch.setattr(E, "MOMENT_BLOCK", 4)
-    monkeypatch.setattr(E, "MOMENT_READ", 3)
-    mean, std = E.tile_normalization(store, [20, 5])
+    monkeypatch.setattr(normstats, "MOMENT_BLOCK", 4)
+    monkeypatch.setattr(normstats, "MOMENT_READ", 3)
+    mean, std = tile_normalization(store, [20, 5])
     ref_mean, ref_std = _numpy_stats(store, ["c0", "c1"], ["20", "5"])  # c_val is not a training case
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
     np.testing.assert_allclose(std, ref_std, rtol=1e-9)
-    mean20, std20 = E.tile_normalization(store, [20])
+    mean20, std20 = tile_normalization(store, [20])
     np.testing.assert_allclose(mean20, _numpy_stats(store, ["c0", "c1"], ["20"])[0], rtol=1e-12)
-    cached = store.read_json(E.NORMALIZATION_JSON)
+    cached = store.read_json(normstats.NORMALIZATION_JSON)
     assert cached["20"]["mean"] == mean20 and cached["5,20"]["std"] == std
     # an edited training group invalidates the cached moments of its magnification
     write_tile_group(store, "c1", 20, np.full((2, T, T, 3), 7, np.uint8), np.zeros((2, 2)), np.ones(2),
                      {}, TileConfig(tile_size=T, tiles_per_shard=4))
-    np.testing.assert_allclose(E.tile_normalization(store, [20])[0], _numpy_stats(store, ["c0", "c1"], ["20"])[0])
+    np.testing.assert_allclose(tile_normalization(store, [20])[0], _numpy_stats(store, ["c0", "c1"], ["20"])[0])
     # so does one re-tiled with other pixels but as many tiles
     write_tile_group(store, "c1", 20, np.full((2, T, T, 3), 99, np.uint8), np.zeros((2, 2)), np.ones(2),
                      {}, TileConfig(tile_size=T, tiles_per_shard=4))
-    np.testing.assert_allclose(E.tile_normalization(store, [20])[0], _numpy_stats(store, ["c0", "c1"], ["20"])[0])
+    np.testing.assert_allclose(tile_normalization(store, [20])[0], _numpy_stats(store, ["c0", "c1"], ["20"])[0])
     with pytest.raises(StoreError, match="no complete tile groups of training cases"):
-        E.tile_normalization(store, [40])
+        tile_normalization(store, [40])
 
 
 # ---- the embedding store -----------------------------------------------------------------------
 def _recompute(store, eid, case, mag, rows) -> np.ndarray:
     """Embeddings of stored tiles `rows`, recomputed from the stored pixels with the recorded model
     and transform, in eval mode (float32)."""
-    attrs = E.embedding_attrs(store, eid, case, mag)
+    attrs = embedding_attrs(store, eid, case, mag)
     cfg = EmbedConfig(name=attrs["model"], weights=attrs["weights"], pretrained=attrs["pretrained"], seed=attrs["seed"],
                       normalization=attrs["normalization"], crop=attrs["transform"]["crop"], input_size=attrs["transform"]["size"])
-    assert E.embedder_id(cfg) == eid
-    model = E.store_embedder(store, cfg)
+    assert embedder_id(cfg) == eid
+    model = store_embedder(store, cfg)
     tiles = torch.from_numpy(store.open_group("tiles.zarr", f"{case}/{mag}")["pixels"].oindex[list(rows)])
     with torch.inference_mode():
         return model(transform_from_record(attrs["transform"])(tiles)).numpy()
@@ -263,14 +289,14 @@ def _recompute(store, eid, case, mag, rows) -> np.ndarray:
 
 def test_stored_embeddings_recompute_from_the_recorded_transform(embedded):
     store, cfg, summary, _ = embedded
-    eid = E.embedder_id(cfg)
+    eid = embedder_id(cfg)
     assert summary == {"embedder_id": eid, "written": 6, "skipped": 0, "tiles": 20}
     for case, mag in (("c0", 20), ("c_val", 5)):
-        stored = E.read_embeddings(store, eid, case, mag)
-        attrs = E.embedding_attrs(store, eid, case, mag)
+        stored = read_embeddings(store, eid, case, mag)
+        attrs = embedding_attrs(store, eid, case, mag)
         assert stored.dtype == np.float16 and stored.shape == (attrs["tiles"], 512)
         assert attrs["complete"] is True and attrs["precision"] == "fp32"
-        assert attrs["transform"]["mean"] == list(E.tile_normalization(store, [mag])[0])
+        assert attrs["transform"]["mean"] == list(tile_normalization(store, [mag])[0])
         pick = [0, attrs["tiles"] - 1]
         np.testing.assert_allclose(stored[pick].astype(np.float32), _recompute(store, eid, case, mag, pick),
                                    rtol=2**-10, atol=1e-4)
@@ -281,41 +307,41 @@ def test_stored_embeddings_recompute_from_the_recorded_transform(embedded):
 
 def test_empty_bag_gives_an_empty_array(embedded):
     store, cfg, _, _ = embedded
-    eid = E.embedder_id(cfg)
-    empty = E.read_embeddings(store, eid, "c1", 5)
-    assert empty.shape == (0, 512) and E.embedding_is_complete(store, eid, "c1", 5)
+    eid = embedder_id(cfg)
+    empty = read_embeddings(store, eid, "c1", 5)
+    assert empty.shape == (0, 512) and embedding_is_complete(store, eid, "c1", 5)
 
 
 def test_resume_skips_complete_and_redoes_incomplete(embedded):
     store, cfg, _, _ = embedded
-    eid = E.embedder_id(cfg)
-    before = E.read_embeddings(store, eid, "c0", 20)
-    again = E.embed_store(store.url, cfg, device="cpu")
+    eid = embedder_id(cfg)
+    before = read_embeddings(store, eid, "c0", 20)
+    again = embed_store(store.url, cfg, device="cpu")
     assert again["written"] == 0 and again["skipped"] == 6
     arr = zarr.open_array(store=store.zarr_store("embeddings.zarr"), path=f"{eid}/c0/20", mode="r+")
     arr[...] = 0
     arr.attrs["complete"] = False  # what a killed writer leaves
     with pytest.raises(StoreError, match="incomplete"):
-        E.read_embeddings(store, eid, "c0", 20)
-    redo = E.embed_store(store.url, cfg, device="cpu")
+        read_embeddings(store, eid, "c0", 20)
+    redo = embed_store(store.url, cfg, device="cpu")
     assert redo["written"] == 1 and redo["skipped"] == 5 and redo["tiles"] == 6
-    np.testing.assert_array_equal(E.read_embeddings(store, eid, "c0", 20), before)
+    np.testing.assert_array_equal(read_embeddings(store, eid, "c0", 20), before)
 
 
 def test_same_store_under_sync_and_a_local_cluster(embedded):
     store, cfg, _, root = embedded
     other = Store(root / "pristine")
-    summary = E.embed_store(other.url, cfg, device="cpu", scheduler="local:2")
+    summary = embed_store(other.url, cfg, device="cpu", scheduler="local:2")
     assert summary["written"] == 6
-    eid = E.embedder_id(cfg)
+    eid = embedder_id(cfg)
     for case, *_ in CASES:
         for mag in (20, 5):
-            a = E.read_embeddings(store, eid, case, mag)
-            b = E.read_embeddings(other, eid, case, mag)
+            a = read_embeddings(store, eid, case, mag)
+            b = read_embeddings(other, eid, case, mag)
             # one torch thread per worker vs two in sync: at most float16 rounding apart
             # (embed.cpu_threads makes them byte-equal: tests/test_cluster.py)
             np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2**-10, atol=1e-4)
-            attrs_a, attrs_b = (E.embedding_attrs(s, eid, case, mag) for s in (store, other))
+            attrs_a, attrs_b = (embedding_attrs(s, eid, case, mag) for s in (store, other))
             attrs_a.pop("created"), attrs_b.pop("created")
             assert attrs_a == attrs_b
 
@@ -327,20 +353,20 @@ def test_incomplete_tile_groups_are_not_embedded_and_imagenet_stats(tmp_path):
     # The training cases hold no complete tile at 5x: nothing to estimate random batch-norm statistics from.
     random = EmbedConfig(**SMALL, normalization="imagenet", dtype="float32", magnifications=[5])
     with pytest.raises(StoreError, match="0 tile"):
-        E.embed_store(store.url, random, device="cpu")
+        embed_store(store.url, random, device="cpu")
     from safetensors.torch import save_file
 
     weights = tmp_path / "resnet18.safetensors"
-    save_file({k: v.contiguous() for k, v in E.create_embedder("resnet18").state_dict().items()}, str(weights))
+    save_file({k: v.contiguous() for k, v in create_embedder("resnet18").state_dict().items()}, str(weights))
     cfg = random.model_copy(update={"weights": weights})
-    summary = E.embed_store(store.url, cfg, device="cpu")
-    eid = E.embedder_id(cfg)
+    summary = embed_store(store.url, cfg, device="cpu")
+    eid = embedder_id(cfg)
     assert eid.endswith("-imagenet") and summary["written"] == 2
-    assert not E.embedding_is_complete(store, eid, "c0", 5)
+    assert not embedding_is_complete(store, eid, "c0", 5)
     assert not store.exists("stats/tile_normalization.json")
-    out = E.read_embeddings(store, eid, "c_val", 5)
+    out = read_embeddings(store, eid, "c_val", 5)
     assert out.dtype == np.float32 and out.shape == (2, 512)
-    assert E.embedding_attrs(store, eid, "c_val", 5)["transform"]["mean"] == list(IMAGENET_MEAN)
+    assert embedding_attrs(store, eid, "c_val", 5)["transform"]["mean"] == list(IMAGENET_MEAN)
 
 
 def test_cli_embed(tmp_path):
@@ -354,7 +380,7 @@ def test_cli_embed(tmp_path):
     res = CliRunner().invoke(app, ["embed", "--store", store.url, "--config", str(conf), "--batch-size", "2",
                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert E.read_embeddings(store, "resnet18-random-s0-c48-dataset", "c1", 20).shape == (5, 512)
+    assert read_embeddings(store, "resnet18-random-s0-c48-dataset", "c1", 20).shape == (5, 512)
     bad = CliRunner().invoke(app, ["embed", "--store", store.url, "--embedder", "not_a_model", "--weights", "random",
                                    "--device", "cpu"])
     assert bad.exit_code == 2 and "not a timm model" in bad.output
@@ -374,15 +400,15 @@ def test_cli_embeds_an_unlabelled_batch_with_either_normalization(tmp_path):
     res = CliRunner().invoke(app, [*base, "--normalization", "dataset"])
     assert res.exit_code == 0, res.output
     eid = "resnet18-random-s0-c48-dataset"
-    attrs = E.embedding_attrs(store, eid, "c_val", 20)
+    attrs = embedding_attrs(store, eid, "c_val", 20)
     assert attrs["normalization_cases"] == "all" and attrs["weights"] == "random"
     mean, std = _numpy_stats(store, ["c0", "c1", "c_val"], ["20"])  # every case's tiles, no label involved
     np.testing.assert_allclose(attrs["transform"]["mean"], mean, rtol=1e-9)
     np.testing.assert_allclose(attrs["transform"]["std"], std, rtol=1e-9)
-    assert store.read_json(E.NORMALIZATION_JSON)["20"]["case_set"] == "all"
+    assert store.read_json(normstats.NORMALIZATION_JSON)["20"]["case_set"] == "all"
     res = CliRunner().invoke(app, [*base, "--normalization", "imagenet", "--batch-size", "8"])
     assert res.exit_code == 0, res.output
-    attrs = E.embedding_attrs(store, "resnet18-random-s0-c48-imagenet", "c0", 20)
+    attrs = embedding_attrs(store, "resnet18-random-s0-c48-imagenet", "c0", 20)
     assert attrs["transform"]["mean"] == list(IMAGENET_MEAN) and "normalization_cases" not in attrs
     bad = CliRunner().invoke(app, [*base, "--normalization", "slide"])
     assert bad.exit_code == 2 and "normalization" in bad.output
@@ -395,7 +421,7 @@ def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):
     regions = [(8, 56), None, (8, 56)]
     out = {}
     for procs in (0, 2):
-        reader = E.BatchReader(store.url, groups, regions, sizes, 4, processes=procs, threads=2, depth=2)
+        reader = BatchReader(store.url, groups, regions, sizes, 4, processes=procs, threads=2, depth=2)
         out[procs] = [(gi, start, b.clone()) for gi, start, b in reader]
     assert [(gi, s) for gi, s, _ in out[0]] == [(0, 0), (0, 4), (2, 0)]
     for (ga, sa, a), (gb, sb, b) in zip(out[0], out[2], strict=True):
@@ -410,20 +436,20 @@ def test_embeddings_are_redone_for_re_tiled_groups(tmp_path, capsys):
     tiles) gets new embeddings, the others are kept."""
     store = make_store(tmp_path / "s")
     cfg = EmbedConfig(**{**SMALL, "normalization": "imagenet"})
-    eid = E.embedder_id(cfg)
-    E.embed_store(store.url, cfg, device="cpu")
+    eid = embedder_id(cfg)
+    embed_store(store.url, cfg, device="cpu")
     tcfg = TileConfig(tile_size=T, tiles_per_shard=4)
     for n, value in ((4, 30), (4, 220), (2, 220)):  # another count; same count, other pixels; again
         write_tile_group(store, "c_val", 20, np.full((n, T, T, 3), value, np.uint8), np.zeros((n, 2)), np.ones(n), {}, tcfg)
-        summary = E.embed_store(store.url, cfg, device="cpu")
+        summary = embed_store(store.url, cfg, device="cpu")
         assert summary["written"] == 1 and summary["skipped"] == 5, summary
         assert "re-tiled since" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
-        emb = E.read_embeddings(store, eid, "c_val", 20, dtype=np.float32)
+        emb = read_embeddings(store, eid, "c_val", 20, dtype=np.float32)
         assert emb.shape[0] == n
         np.testing.assert_allclose(emb, _recompute(store, eid, "c_val", 20, range(n)), rtol=2**-10, atol=1e-4)
     # Re-tiling with the same pixels gives the same fingerprint: nothing to redo.
     write_tile_group(store, "c_val", 20, np.full((2, T, T, 3), 220, np.uint8), np.zeros((2, 2)), np.ones(2), {}, tcfg)
-    assert E.embed_store(store.url, cfg, device="cpu")["written"] == 0
+    assert embed_store(store.url, cfg, device="cpu")["written"] == 0
 
 
 @pytest.mark.parametrize("processes", [0, 1])
@@ -438,7 +464,7 @@ def test_a_damaged_tile_is_an_error_naming_its_group(tmp_path, processes):
     shard.write_bytes(bytes(data))
     cfg = EmbedConfig(**{**SMALL, "normalization": "imagenet"})
     with pytest.raises(StoreError, match=r"tiles\.zarr/c0/20: cannot read tiles") as err:
-        E.embed_store(store.url, cfg, device="cpu", read_processes=processes)
+        embed_store(store.url, cfg, device="cpu", read_processes=processes)
     assert "Traceback" not in str(err.value) and "rerun `radpath tile`" in str(err.value)
 
 
@@ -462,7 +488,7 @@ def test_loaders_fit_their_batches_in_shared_memory(tmp_path, monkeypatch, capsy
     batches = {}
     for free in (None, 1):  # no /dev/shm to check, and one with no room at all
         monkeypatch.setattr(training, "shm_free_bytes", lambda free=free: free)
-        reader = E.BatchReader(store.url, groups, regions, sizes, 4, processes=2, depth=2, batch_bytes=4 * 48 * 48 * 3)
+        reader = BatchReader(store.url, groups, regions, sizes, 4, processes=2, depth=2, batch_bytes=4 * 48 * 48 * 3)
         batches[free] = [(gi, start, b.clone()) for gi, start, b in reader]
     assert "the embedding reader" in capsys.readouterr().err
     assert [(g, s) for g, s, _ in batches[1]] == [(g, s) for g, s, _ in batches[None]] == [(0, 0), (0, 4), (1, 0)]
@@ -493,7 +519,7 @@ CALIBRATED = dict(name="test_efficientnet", weights="random", input_size=48, bat
 def _calibration(store, cfg) -> dict:
     from radpath_fs.training import load_safetensors_bytes
 
-    return load_safetensors_bytes(store.fs.cat_file(store.path(E.calibration_rel(cfg))), "calibration")
+    return load_safetensors_bytes(store.fs.cat_file(store.path(calibration_rel(cfg))), "calibration")
 
 
 def test_random_batch_norm_embedder_is_calibrated_on_the_training_tiles(tmp_path):
@@ -502,54 +528,54 @@ def test_random_batch_norm_embedder_is_calibrated_on_the_training_tiles(tmp_path
     store = make_store(tmp_path / "s")
     shutil.copytree(tmp_path / "s", tmp_path / "copy")
     cfg = EmbedConfig(**CALIBRATED)
-    eid = E.embedder_id(cfg)
-    E.embed_store(store.url, cfg, device="cpu")
+    eid = embedder_id(cfg)
+    embed_store(store.url, cfg, device="cpu")
     state = _calibration(store, cfg)
-    fresh = E.create_embedder(cfg.name, seed=cfg.seed).state_dict()
+    fresh = create_embedder(cfg.name, seed=cfg.seed).state_dict()
     means = [k for k in state if k.endswith("running_mean")]
     assert means and all(not torch.equal(state[k], fresh[k]) for k in means)
     assert {k for k in state} == set(fresh)
     for case, mag in (("c0", 20), ("c_val", 20), ("c0", 5)):
-        attrs = E.embedding_attrs(store, eid, case, mag)
-        assert attrs["calibration"] == E.calibration_hash(store, cfg) is not None
-        stored = E.read_embeddings(store, eid, case, mag, dtype=np.float32)
+        attrs = embedding_attrs(store, eid, case, mag)
+        assert attrs["calibration"] == calibration_hash(store, cfg) is not None
+        stored = read_embeddings(store, eid, case, mag, dtype=np.float32)
         assert np.abs(stored).mean() > 1e-3
         np.testing.assert_allclose(stored, _recompute(store, eid, case, mag, range(attrs["tiles"])), rtol=2**-10, atol=1e-4)
-    meta = E._read_calibration(store, E.calibration_rel(cfg))[2]
+    meta = normstats._read_calibration(store, calibration_rel(cfg))[2]
     # The training cases' tiles only (c_val is not one), both magnifications, all 14 of them.
     assert meta["cases"] == ["c0", "c1"] and meta["tiles"] == 14 and meta["per_magnification"] == {"20": 11, "5": 3}
     # Deterministic: the same inputs give the same file; another seed draws other tiles.
-    E.embed_store(Store(tmp_path / "copy").url, cfg, device="cpu")
-    assert Store(tmp_path / "copy").fs.cat_file(Store(tmp_path / "copy").path(E.calibration_rel(cfg))) == \
-        store.fs.cat_file(store.path(E.calibration_rel(cfg)))
+    embed_store(Store(tmp_path / "copy").url, cfg, device="cpu")
+    assert Store(tmp_path / "copy").fs.cat_file(Store(tmp_path / "copy").path(calibration_rel(cfg))) == \
+        store.fs.cat_file(store.path(calibration_rel(cfg)))
     small = cfg.model_copy(update={"calibration_tiles": 4})
-    picks = {s: E._calibration_sample(store, small.model_copy(update={"seed": s}), ["20", "5"])[1] for s in (0, 1)}
+    picks = {s: normstats._calibration_sample(store, small.model_copy(update={"seed": s}), ["20", "5"])[1] for s in (0, 1)}
     assert len(picks[0]) == 4 and {m for _, m, _ in picks[0]} == {"20", "5"} and picks[0] != picks[1]
     other = cfg.model_copy(update={"seed": 1})
-    E.embed_store(store.url, other, device="cpu")
+    embed_store(store.url, other, device="cpu")
     assert not torch.equal(_calibration(store, other)[means[0]], state[means[0]])
 
 
 def test_re_tiling_a_training_slide_redoes_the_calibration_and_its_embeddings(tmp_path, capsys):
     store = make_store(tmp_path / "s")
     cfg = EmbedConfig(**CALIBRATED)
-    eid = E.embedder_id(cfg)
-    E.embed_store(store.url, cfg, device="cpu")
-    before = E.calibration_hash(store, cfg)
+    eid = embedder_id(cfg)
+    embed_store(store.url, cfg, device="cpu")
+    before = calibration_hash(store, cfg)
     tcfg = TileConfig(tile_size=T, tiles_per_shard=4)
     # A slide outside the training cases is not in the sample: only its own arrays are redone.
     write_tile_group(store, "c_val", 20, np.full((4, T, T, 3), 30, np.uint8), np.zeros((4, 2)), np.ones(4), {}, tcfg)
-    assert E.embed_store(store.url, cfg, device="cpu")["written"] == 1
-    assert E.calibration_hash(store, cfg) == before
-    old = E.read_embeddings(store, eid, "c0", 20)
+    assert embed_store(store.url, cfg, device="cpu")["written"] == 1
+    assert calibration_hash(store, cfg) == before
+    old = read_embeddings(store, eid, "c0", 20)
     rng = np.random.default_rng(5)
     write_tile_group(store, "c1", 20, _tiles(rng, 5, (90, 60, 200)), np.zeros((5, 2)), np.ones(5), {}, tcfg)
-    summary = E.embed_store(store.url, cfg, device="cpu")
-    assert E.calibration_hash(store, cfg) != before
+    summary = embed_store(store.url, cfg, device="cpu")
+    assert calibration_hash(store, cfg) != before
     assert summary["written"] == 6 and summary["skipped"] == 0  # every array: the model changed
     assert "other batch-norm statistics" in " ".join(capsys.readouterr().err.split())
-    assert not np.array_equal(E.read_embeddings(store, eid, "c0", 20), old)
-    np.testing.assert_allclose(E.read_embeddings(store, eid, "c0", 20, dtype=np.float32),
+    assert not np.array_equal(read_embeddings(store, eid, "c0", 20), old)
+    np.testing.assert_allclose(read_embeddings(store, eid, "c0", 20, dtype=np.float32),
                                _recompute(store, eid, "c0", 20, range(6)), rtol=2**-10, atol=1e-4)
 
 
@@ -558,11 +584,11 @@ def test_file_weights_are_not_calibrated(tmp_path):
 
     store = make_store(tmp_path / "s")
     weights = tmp_path / "test_efficientnet.safetensors"
-    save_file({k: v.contiguous() for k, v in E.create_embedder("test_efficientnet").state_dict().items()}, str(weights))
+    save_file({k: v.contiguous() for k, v in create_embedder("test_efficientnet").state_dict().items()}, str(weights))
     cfg = EmbedConfig(**{**CALIBRATED, "weights": weights})
-    E.embed_store(store.url, cfg, device="cpu", scheduler="sync")
-    assert not store.exists(E.calibration_rel(cfg)) and E.calibration_hash(store, cfg) is None
-    assert E.embedding_attrs(store, E.embedder_id(cfg), "c0", 20)["calibration"] is None
+    embed_store(store.url, cfg, device="cpu", scheduler="sync")
+    assert not store.exists(calibration_rel(cfg)) and calibration_hash(store, cfg) is None
+    assert embedding_attrs(store, embedder_id(cfg), "c0", 20)["calibration"] is None
 
 
 def test_calibrated_random_embeddings_separate_the_classes(tmp_path):
@@ -592,9 +618,9 @@ def test_calibrated_random_embeddings_separate_the_classes(tmp_path):
         tissue = np.stack([t for t in tiles if (t > 180).all(-1).mean() < 0.75][:4])
         write_tile_group(store, c.case_id, 20, tissue, np.zeros((len(tissue), 2)), np.ones(len(tissue)), {"mpp": 0.5}, tcfg)
     cfg = EmbedConfig(name="mobilenetv3_large_100", weights="random", batch_size=32, cpu_threads=2, calibration_tiles=64)
-    E.embed_store(store.url, cfg, device="cpu")
-    eid = E.embedder_id(cfg)
-    bags = [E.read_embeddings(store, eid, c.case_id, 20, dtype=np.float32) for c in cases]
+    embed_store(store.url, cfg, device="cpu")
+    eid = embedder_id(cfg)
+    bags = [read_embeddings(store, eid, c.case_id, 20, dtype=np.float32) for c in cases]
     x = np.stack([np.concatenate([b.max(0), b.mean(0)]) for b in bags])
     assert np.abs(x).mean() > 1e-2  # efficientnet_b0 uncalibrated: ~1e-5
     y = np.array([c.cls for c in cases])

@@ -514,7 +514,7 @@ def test_fuse_is_deterministic(tmp_path):
 def test_a_later_fuse_run_takes_primary_from_the_older_ones(tmp_path, capsys):
     """prune=2 then prune=3 write two `pruned` rows (different ids): only the latest stays primary,
     and the report, the run summary and `bundle` all take that one."""
-    from radpath_fs.bundle import choose_ensemble
+    from radpath_fs.bundle.export import choose_ensemble
     from radpath_fs.fusion.cli import primary_id
     from radpath_fs.pipeline import summary
     from radpath_fs.report import ensembles_section

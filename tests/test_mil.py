@@ -17,7 +17,7 @@ import zarr
 
 from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig, TileConfig
-from radpath_fs.embed import create_embedder, embedder_id
+from radpath_fs.embedders import create_embedder, embedder_id
 from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.mil import BagPool, MILClassifier, PooledHead, WSITrainer, train_wsi
 from radpath_fs.predict import model_config, pending_predictions, predict_models
@@ -171,7 +171,7 @@ def test_inference_in_chunks_equals_one_pass_and_takes_one_tile():
 HUGE_BAG = textwrap.dedent("""
     import json, resource, sys
     import numpy as np, torch, zarr
-    from radpath_fs.embed import create_embedder
+    from radpath_fs.embedders import create_embedder
     from radpath_fs.mil import MILClassifier, PooledHead
     from radpath_fs.transforms import eval_transform
 
@@ -634,7 +634,7 @@ def test_a_damaged_tile_chunk_is_an_error_naming_the_slide(tmp_path):
 
 def test_out_of_fold_rows_never_hold_training_cases(capsys):
     """After a re-ingest moved cases between folds, a model's OOF split leaves out what it trained on."""
-    from radpath_fs.predict import split_cases
+    from radpath_fs.folds import split_cases
 
     cases = pd.DataFrame({"case_id": ["a", "b", "c", "d", "e"], "label": ["A", "O", "G", "A", None],
                           "fold": [0, 0, 1, 1, -1], "split": ["train"] * 4 + ["val"], "has_slide": [True] * 5})

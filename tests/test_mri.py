@@ -674,5 +674,5 @@ def test_flip_mirrors_left_right_only():
 def test_cosine_rate_is_a_function_of_the_epoch():
     rates = [training.epoch_lr(1e-3, e, 10, "cosine") for e in range(10)]
     assert rates[0] == pytest.approx(1e-3) and rates[-1] < 0.03 * 1e-3
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
     assert [training.epoch_lr(1e-3, e, 10, "constant") for e in range(10)] == [1e-3] * 10

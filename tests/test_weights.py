@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from radpath_fs.cli import app
 from radpath_fs.config import EmbedConfig, load_config
-from radpath_fs.embed import create_embedder, embedder_id
+from radpath_fs.embedders import create_embedder, embedder_id
 from radpath_fs.errors import InputError
 from radpath_fs.weights import check_weights
 
@@ -58,7 +58,7 @@ def hub(tmp_path, monkeypatch):
 
 
 def _width() -> int:
-    from radpath_fs.embed import embedding_width
+    from radpath_fs.embedders import embedding_width
 
     return embedding_width(create_embedder(NAME))
 

@@ -57,9 +57,8 @@ def predict_mri(
     made_with = config.get("preprocess_version")
     if made_with != PREPROCESS_VERSION:
         raise StoreError(
-            f"{store.path('models', model_id)}: trained on MRI preprocessing version {made_with}, which this "
-            f"radpath_fs (version {PREPROCESS_VERSION}: volumes reoriented to RAS) no longer makes; retrain it "
-            "with `radpath train-mri`"
+            f"{store.path('models', model_id)}: trained on MRI preprocessing version {made_with}, and this "
+            f"radpath_fs preprocesses with version {PREPROCESS_VERSION}; retrain it with `radpath train-mri`"
         )
     mcfg = validate_stored(MRITrainConfig, config["mri"], f"{store.path('models', model_id, 'config.json')}: mri")
     fold, snapshot = int(config["fold"]), int(config["snapshot"])

@@ -30,7 +30,7 @@ def _rate(read, ids) -> float:
 
 @pytest.mark.parametrize("codec", ["zstd", "jpeg"])
 def test_tile_reader_vs_zarr(tmp_path, codec):
-    from radpath_fs.embed import _tile_pixels
+    from radpath_fs.normstats import tile_pixels
     from radpath_fs.tilestore import TileReader
 
     tiles = int(os.environ.get("RADPATH_BENCH_READER_TILES", "256"))
@@ -39,7 +39,7 @@ def test_tile_reader_vs_zarr(tmp_path, codec):
     picks = {c: np.random.default_rng(i).integers(0, tiles, 50) for i, c in enumerate(ids)}
 
     def zarr_crops(c):
-        px = _tile_pixels(store, c, 20)
+        px = tile_pixels(store, c, 20)
         return sum(px[s : s + batch, a:b, a:b].shape[0] for s in range(0, tiles, batch))
 
     def reader_crops(c):
@@ -48,7 +48,7 @@ def test_tile_reader_vs_zarr(tmp_path, codec):
 
     def zarr_random(c):
         uniq, inverse = np.unique(picks[c], return_inverse=True)
-        return np.asarray(_tile_pixels(store, c, 20).oindex[uniq])[inverse].shape[0]
+        return np.asarray(tile_pixels(store, c, 20).oindex[uniq])[inverse].shape[0]
 
     def reader_random(c):
         return TileReader(store, c, 20).read(picks[c]).shape[0]
@@ -61,5 +61,5 @@ def test_tile_reader_vs_zarr(tmp_path, codec):
     res.update(codec=codec, cpu_cores=os.cpu_count(), load_avg_1m=os.getloadavg()[0])
     print(f"\ntile reader ({codec}):", json.dumps(res))
     pick = picks[ids[0]]  # the same pixels either way
-    np.testing.assert_array_equal(TileReader(store, ids[0], 20).read(pick), _tile_pixels(store, ids[0], 20)[:][pick])
+    np.testing.assert_array_equal(TileReader(store, ids[0], 20).read(pick), tile_pixels(store, ids[0], 20)[:][pick])
     assert res["reader_random"] > res["zarr_random"], res

@@ -126,11 +126,12 @@ def bare_rate(model, device, batch_size: int, input_size: int, iters: int, *, bf
 
 def reader_rate(store, ids, batch_size: int, input_size: int, pin: bool, processes: int) -> float:
     """Tiles/s of tiles.zarr -> (pinned) host batches alone, center crop included."""
-    from radpath_fs.embed import BatchReader, _tile_pixels
+    from radpath_fs.embed import BatchReader
+    from radpath_fs.normstats import tile_pixels
 
     sizes, regions = [], []
     for c in ids:
-        px = _tile_pixels(store, c, 20)
+        px = tile_pixels(store, c, 20)
         top = int(round((px.shape[1] - input_size) / 2.0))
         sizes.append(int(px.shape[0]))
         regions.append((top, top + input_size))
@@ -162,8 +163,11 @@ def run(out_dir: Path | str, device: str = "cuda", **sizes) -> dict:
     import timm
     import torch
 
-    from radpath_fs import embed as E
     from radpath_fs.config import EmbedConfig
+    from radpath_fs.embed import embed_store
+    from radpath_fs.embedders import create_embedder, embedder_id
+    from radpath_fs.embeddings import embedding_attrs, read_embeddings
+    from radpath_fs.normstats import store_embedder, tile_pixels
 
     unknown = set(sizes) - set(DEFAULTS)
     if unknown:
@@ -187,7 +191,7 @@ def run(out_dir: Path | str, device: str = "cuda", **sizes) -> dict:
         res["tile_compression_ratio"] = round(raw / on_disk, 2)
 
         # Bare-model ceilings, same batch size.
-        model = E.create_embedder(p["model"]).eval().to(dev)
+        model = create_embedder(p["model"]).eval().to(dev)
         bs, size = p["batch_size"], p["input_size"]
         res["bare_fp32"] = round(bare_rate(model, dev, bs, size, p["bare_iters"], bf16=False), 1)
         if dev.type == "cuda":
@@ -213,22 +217,22 @@ def run(out_dir: Path | str, device: str = "cuda", **sizes) -> dict:
         res["zstd_decode_all_cores"] = round(zstd_decode_rate(p["tile_size"], os.cpu_count() or 1), 1)
 
         cfg = EmbedConfig(name=p["model"], weights="random", input_size=size, batch_size=bs, compile=p["compile"])
-        eid = E.embedder_id(cfg)
+        eid = embedder_id(cfg)
         t0 = time.perf_counter()
-        E.embed_store(store.url, cfg, device=device, scheduler="sync", read_processes=procs)
+        embed_store(store.url, cfg, device=device, scheduler="sync", read_processes=procs)
         res["end_to_end_cold"] = round(n_tiles / (time.perf_counter() - t0), 1)
         rates = []
         for _ in range(p["reps"]):
             shutil.rmtree(tmp / "store" / "embeddings.zarr" / eid)
             t0 = time.perf_counter()
-            summary = E.embed_store(store.url, cfg, device=device, scheduler="sync", read_processes=procs)
+            summary = embed_store(store.url, cfg, device=device, scheduler="sync", read_processes=procs)
             rates.append(n_tiles / (time.perf_counter() - t0))
             assert summary["tiles"] == n_tiles, summary
         res["end_to_end_runs"] = [round(r, 1) for r in rates]
         res["end_to_end"] = round(statistics.median(rates), 1)
         if not cuda:
             # Shared CPUs drift: measure the bare model again and compare against the faster one.
-            again = E.create_embedder(p["model"]).eval()
+            again = create_embedder(p["model"]).eval()
             res["bare_fp32_after"] = round(bare_rate(again, dev, bs, size, p["bare_iters"], bf16=False), 1)
             res["bare_fp32"] = max(res["bare_fp32"], res["bare_fp32_after"])
         ceiling = res.get("bare_compiled" if p["compile"] else "bare_bf16", res["bare_fp32"])
@@ -236,14 +240,14 @@ def run(out_dir: Path | str, device: str = "cuda", **sizes) -> dict:
         res["ratio_vs_bare_fp32"] = round(res["end_to_end"] / res["bare_fp32"], 3)
 
         # The stored vectors are the model's: recompute a few tiles in fp32 and compare.
-        attrs = E.embedding_attrs(store, eid, ids[0], 20)
+        attrs = embedding_attrs(store, eid, ids[0], 20)
         from radpath_fs.transforms import transform_from_record
 
-        tiles = torch.from_numpy(E._tile_pixels(store, ids[0], 20)[:8])
-        ref_model = E.store_embedder(store, cfg)
+        tiles = torch.from_numpy(tile_pixels(store, ids[0], 20)[:8])
+        ref_model = store_embedder(store, cfg)
         with torch.inference_mode():
             ref = ref_model(transform_from_record(attrs["transform"])(tiles)).numpy()
-        got = E.read_embeddings(store, eid, ids[0], 20, dtype=np.float32)[:8]
+        got = read_embeddings(store, eid, ids[0], 20, dtype=np.float32)[:8]
         cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
         res["min_cosine_vs_cpu_fp32"] = round(float(cos.min()), 5)
         res["precision"] = attrs["precision"]

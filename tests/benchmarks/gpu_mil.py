@@ -111,7 +111,7 @@ def _bare(sizes: dict, device) -> dict:
     """The training step alone on device tensors (what the DESIGN.md ceiling measures)."""
     import torch
 
-    from radpath_fs.embed import create_embedder, embedding_width
+    from radpath_fs.embedders import create_embedder, embedding_width
     from radpath_fs.mil import MILClassifier, PooledHead
     from radpath_fs.training import Runtime
 
