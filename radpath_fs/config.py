@@ -224,8 +224,8 @@ class MRITrainConfig(SnapshotMixin):
     norm: Literal["batch", "group"] = "batch"
     norm_groups: int = Field(8, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # Left-right mirror: a tumour's side carries no class, and it doubles what a small cohort shows.
-    flip_prob: float = Field(0.5, ge=0, le=1)
+    # Left-right mirror (not in the paper): a tumour's side carries no class.
+    flip_prob: float = Field(0.0, ge=0, le=1)
     zoom: tuple[float, float] = (0.8, 1.2)
     zoom_prob: float = Field(0.5, ge=0, le=1)
     rotate_degrees: float = Field(10.0, ge=0)
@@ -235,9 +235,6 @@ class MRITrainConfig(SnapshotMixin):
     elastic_magnitude: tuple[float, float] = (10.0, 200.0)
     elastic_prob: float = Field(0.3, ge=0, le=1)
     lr: float = Field(5e-4, gt=0)
-    # A constant rate leaves the last epochs' weights, hence the snapshots, swinging from one
-    # epoch to the next on small cohorts; cosine lets them settle.
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
     batch_size: int = Field(3, ge=1)
     class_weighting: Literal["inverse_frequency", "none"] = "inverse_frequency"
     folds: list[int] | None = None
