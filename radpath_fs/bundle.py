@@ -58,17 +58,28 @@ import numpy as np
 
 from radpath_fs import CLASSES, MODALITIES, __version__
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.layout import (
+    BUNDLE_EMBEDDERS,
+    BUNDLE_JSON,
+    EMBEDDINGS,
+    ENSEMBLES_TABLE,
+    LAYOUT_VERSION,
+    MODEL_FILES,
+    MODEL_WEIGHTS,
+    MODELS,
+    STORE_JSON,
+    TILES_TABLE,
+    model_config_path,
+    prediction_table_name,
+)
 from radpath_fs.progress import info, warn
-from radpath_fs.store import LAYOUT_VERSION, Store, check_name, mag_key
+from radpath_fs.store import Store, check_name, mag_key
 from radpath_fs.weights import sha256_file
 
-BUNDLE_JSON = "bundle.json"
 FORMAT = "radpath-bundle"
 FORMAT_VERSION = 2  # 2: every embedder's weights shipped; MRI members carry their models' preprocess version
 # Methods whose fused probability is a vote of the members with the weights in ensembles.parquet.
 VOTE_METHODS = ("soft_vote", "hard_vote", "prune", "greedy", "exhaustive")
-MODEL_FILES = ("model.safetensors", "config.json")
-EMBEDDER_FILE = "model.safetensors"
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -77,9 +88,9 @@ def choose_ensemble(store: Store, ensemble_id: str | None) -> dict:
     (`fusion.cli.primary_id`, as the report and the run summary take it)."""
     from radpath_fs.fusion.cli import primary_id
 
-    if not store.has_table("ensembles"):
+    if not store.has_table(ENSEMBLES_TABLE):
         raise StoreError(f"{store.path(store.table_rel('ensembles'))}: no ensembles; run `radpath fuse` first")
-    table = store.read_table("ensembles").sort_values("created", ascending=False, kind="stable")
+    table = store.read_table(ENSEMBLES_TABLE).sort_values("created", ascending=False, kind="stable")
     if ensemble_id is None:
         rows = table[table["primary"]]
         chosen = primary_id(table)
@@ -147,12 +158,11 @@ def _recorded_config(store: Store, configs: dict[str, dict], owners: dict[str, s
     (defaults for what none records); None where a table records none and they are not `required`.
     Members whose tables disagree are a ConfigError naming both."""
     from radpath_fs.config import PipelineConfig, PredictConfig
-    from radpath_fs.predictions import table_name
 
     seen: dict[str, tuple[object, str, str]] = {}  # setting -> (value, member, table)
     for mid in sorted(configs):
         for split in ("val", "test", "oof"):
-            name = table_name(mid, split)
+            name = prediction_table_name(mid, split)
             if not store.has_table(name):
                 continue
             where = store.path(store.table_rel(name))
@@ -179,13 +189,12 @@ def _check_predict_settings(store: Store, configs: dict[str, dict], cfg) -> None
     """A config other than the one `radpath predict` used would give other numbers than the fused
     rows: refused here, naming the setting and the table, rather than found out later."""
     from radpath_fs.predict import predict_settings
-    from radpath_fs.predictions import table_name
 
     unchecked = []
     for mid in sorted(configs):
         wanted = predict_settings(cfg, configs[mid])
         for split in ("val", "test", "oof"):
-            name = table_name(mid, split)
+            name = prediction_table_name(mid, split)
             if not store.has_table(name):
                 continue
             where = store.path(store.table_rel(name))
@@ -230,7 +239,7 @@ def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
     if attrs is None:
         raise StoreError(f"{store.path(TILES)}: no complete tile group of the members' training cases; "
                          "the tile recipe cannot be read")
-    tiled = (sorted(set(store.read_table("tiles")["magnification"].astype(float))) if store.has_table("tiles")
+    tiled = (sorted(set(store.read_table(TILES_TABLE)["magnification"].astype(float))) if store.has_table(TILES_TABLE)
              else list(cfg.tile.magnifications))
     chain = sorted({m for m in [*tiled, *mags] if m >= min(mags)}, reverse=True)
     level = {"jpeg": "jpeg_quality", "zstd": "zstd_level"}[attrs["codec"]]
@@ -264,7 +273,7 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     first = configs[0]
     embed = dict(first["embed"])
     record = {"id": eid, "name": embed["name"], "weights_hash": first["embedder"]["weights_hash"],
-              "seed": embed["seed"], "embed": embed, "file": f"embedders/{eid}/{EMBEDDER_FILE}", "transform": {}}
+              "seed": embed["seed"], "embed": embed, "file": f"{BUNDLE_EMBEDDERS}/{eid}/{MODEL_WEIGHTS}", "transform": {}}
     unrecorded = []
     for c in configs:
         mk = mag_key(float(c["magnification"]))
@@ -273,12 +282,12 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
             unrecorded.append(c["model_id"])
             made = _training_embedding_attrs(store, eid, c)
             if made is None:
-                raise StoreError(f"{store.path('embeddings.zarr', eid)}: no complete embeddings of {c['model_id']}'s "
+                raise StoreError(f"{store.path(EMBEDDINGS, eid)}: no complete embeddings of {c['model_id']}'s "
                                  f"training cases at magnification {mk}, and its config.json records no embedding "
                                  "transform; the normalisation cannot be read")
             trained_on = made["transform"]
         if record["transform"].setdefault(mk, trained_on) != trained_on:
-            raise StoreError(f"{store.path('models', c['model_id'], 'config.json')}: trained on embeddings made "
+            raise StoreError(f"{store.path(model_config_path(c['model_id']))}: trained on embeddings made "
                              f"with transform {trained_on} at {mk}x, another member model on "
                              f"{record['transform'][mk]} (the store was embedded again between them); retrain "
                              "them with `radpath train-wsi`")
@@ -292,7 +301,7 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     record["calibration"] = calibration_hash(store, ecfg)
     stale = [c["model_id"] for c in configs if c.get("embedding_calibration") != record["calibration"]]
     if stale:
-        raise StoreError(f"{store.path('models')}: {', '.join(stale)} trained on embeddings made with other batch-norm "
+        raise StoreError(f"{store.path(MODELS)}: {', '.join(stale)} trained on embeddings made with other batch-norm "
                          f"statistics of embedder {eid} than the store holds now ({record['calibration']}); retrain "
                          "them with `radpath train-wsi`")
     if weights:
@@ -362,7 +371,7 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
                 entry["mode"] = cfgs[chosen[0]]["mode"]
             else:
                 for i in chosen:
-                    _check_preprocess_version(store.path("models", i, "config.json"), cfgs[i])
+                    _check_preprocess_version(store.path(model_config_path(i)), cfgs[i])
                 mri = cfgs[chosen[0]]["mri"]
                 entry["mri"] = {"preprocess_version": _preprocess_version(cfgs[chosen[0]]), "modalities": mri["modalities"],
                                 "spatial_size": mri["spatial_size"], "network": mri["network"]}
@@ -372,15 +381,15 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
         cfg = config or recorded or PipelineConfig()
         _check_predict_settings(store, wsi, cfg)
         for mid in sorted(configs):
-            (tmp / "models" / mid).mkdir(parents=True)
+            (tmp / MODELS / mid).mkdir(parents=True)
             for fname in MODEL_FILES:
-                (tmp / "models" / mid / fname).write_bytes(store.fs.cat_file(store.path("models", mid, fname)))
+                (tmp / MODELS / mid / fname).write_bytes(store.fs.cat_file(store.path(MODELS, mid, fname)))
         embedders = {}
         for eid in sorted({c["embedder"]["id"] for c in wsi.values() if c["mode"] == "head"}):
             group = [{**c, "model_id": i} for i, c in sorted(wsi.items())
                      if c["mode"] == "head" and c["embedder"]["id"] == eid]
             embedders[eid] = _embedder_record(store, eid, group, tmp)
-        (tmp / "store.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION, "kind": "bundle"}))
+        (tmp / STORE_JSON).write_text(json.dumps({"layout_version": LAYOUT_VERSION, "kind": "bundle"}))
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         spec = {
@@ -587,7 +596,7 @@ def _mri_probabilities(bstore: Store, members: list[dict], case: CaseFiles, devi
     for member in members:
         for mid in member["model_ids"]:
             state, config = load_checkpoint(bstore, mid)
-            mcfg = validate_stored(MRITrainConfig, config["mri"], f"{bstore.path('models', mid, 'config.json')}: mri")
+            mcfg = validate_stored(MRITrainConfig, config["mri"], f"{bstore.path(model_config_path(mid))}: mri")
             key = json.dumps([mcfg.modalities, list(mcfg.spatial_size)])
             if key not in volumes:
                 volumes[key] = preprocess_case({m: case.mri[m] for m in mcfg.modalities}, mcfg, case.case_id)[0]
@@ -624,7 +633,7 @@ def predict_case(bundle: str | Path, case_dir: str | Path, device: str = "auto",
         warn(f"{bundle / BUNDLE_JSON}: exported by radpath_fs {spec.get('radpath_fs_version')}, this is {__version__}; "
              "its tiling, embedding or preprocessing may have changed since, and the numbers with it")
     for mid in (i for m in mri for i in m["model_ids"]):
-        _check_preprocess_version(bstore.path("models", mid, "config.json"), bstore.read_json(f"models/{mid}/config.json"),
+        _check_preprocess_version(bstore.path(model_config_path(mid)), bstore.read_json(model_config_path(mid)),
                                   then=", then export the bundle again")
     modalities = sorted({x for m in mri for x in m["mri"]["modalities"]}, key=list(MODALITIES).index)
     case = find_case(case_dir, modalities)

@@ -1,6 +1,6 @@
 """`radpath ingest`: scan a CPM-RadPath folder, validate what is cheap to check, write the cases table.
 
-Layout (DESIGN.md):
+Layout (the challenge's):
     DATA/Pathology/<ID>.tiff|.tif|.svs
     DATA/Radiology/<ID>/<ID>_{t1,t1ce,t2,flair}.nii.gz
     labels CSV: CPM_RadPath_2019_ID,class,age_in_days   (no class column, or an empty class: unlabelled)
@@ -25,6 +25,7 @@ import pandas as pd
 from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.config import IngestConfig
 from radpath_fs.errors import BatchErrors, InputError, RadpathError, StoreError
+from radpath_fs.layout import CASES_TABLE
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, check_name
 
@@ -362,7 +363,7 @@ def ingest(
     df = cases_frame(records, cfg, unlabelled_split)
     store = Store(store_url, create=True)
     with store.lock("ingest"):
-        store.write_table("cases", df)
+        store.write_table(CASES_TABLE, df)
     for e in errors:
         warn(f"excluded: {e}")
     kept = df[~df["excluded"]]
@@ -374,6 +375,6 @@ def ingest(
     info(
         f"ingested {len(kept)} case(s) ({', '.join(f'{c} {n}' for c, n in counts.items())}, "
         f"{kept['label'].isna().sum()} unlabelled; {int(kept['has_slide'].sum())} slides, "
-        f"{int(kept['has_mri'].sum())} MRI), {int(df['excluded'].sum())} excluded -> {store.path('tables/cases.parquet')}"
+        f"{int(kept['has_mri'].sum())} MRI), {int(df['excluded'].sum())} excluded -> {store.path(store.table_rel(CASES_TABLE))}"
     )
     return df

@@ -36,17 +36,14 @@ import numpy as np
 
 from radpath_fs.config import EmbedConfig
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.layout import COMPLETE, EMBEDDINGS, MOMENTS_JSON, NORMALIZATION_JSON, TILES, calibration_path
 from radpath_fs.progress import info, warn
-from radpath_fs.store import COMPLETE, Store, check_name, mag_key
-from radpath_fs.tilestore import TILES, TileReader, tile_group_attrs, tile_group_path
+from radpath_fs.store import Store, check_name, mag_key
+from radpath_fs.tilestore import TileReader, tile_group_attrs, tile_group_path
 from radpath_fs.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
-EMBEDDINGS = "embeddings.zarr"
-MOMENTS_JSON = "stats/tile_moments.json"
-NORMALIZATION_JSON = "stats/tile_normalization.json"
-# stats/embedders/<embedder_id>.safetensors: a random embedder's state dict with batch-norm
-# statistics estimated from the store's tiles; its safetensors metadata key says what from.
-CALIBRATION_DIR = "stats/embedders"
+# A random embedder's calibrated state dict (`layout.calibration_path`) holds batch-norm statistics
+# estimated from the store's tiles; its safetensors metadata key says what from.
 CALIBRATION_META = "calibration"
 # Rows per chunk of an embedding array: a whole bag of up to ~6.5k float16 1280-d vectors is one
 # chunk (16 MiB); bigger bags read as a few large chunks.
@@ -412,7 +409,7 @@ def calibrate_batch_norm(model, batches) -> int:
 
 def calibration_rel(cfg: EmbedConfig) -> str:
     """Where the store keeps embedder `cfg`'s calibrated state dict."""
-    return f"{CALIBRATION_DIR}/{embedder_id(cfg)}.safetensors"
+    return calibration_path(embedder_id(cfg))
 
 
 def _calibration_sample(store: Store, cfg: EmbedConfig, mag_keys: list[str]):

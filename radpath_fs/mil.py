@@ -40,6 +40,15 @@ from torch import nn
 from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.fusion.metrics import balanced_accuracy
+from radpath_fs.layout import (
+    CASES_TABLE,
+    EMBEDDINGS,
+    TILES,
+    model_dir,
+    model_weights_path,
+    resume_dir,
+    wsi_state_path,
+)
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, mag_key
 from radpath_fs.training import (
@@ -302,7 +311,7 @@ class TileBags:
         self.counts = [tile_count(store, c, magnification) for c in self.case_ids]
         sizes = {int(tile_group_attrs(store, c, magnification)["tile_size"]) for c in self.case_ids}
         if len(sizes) > 1:
-            raise StoreError(f"{store.path('tiles.zarr')}: tiles of several sizes {sorted(sizes)} at "
+            raise StoreError(f"{store.path(TILES)}: tiles of several sizes {sorted(sizes)} at "
                              f"magnification {mag_key(magnification)}; re-tile with one tile_size")
         self.tile_size = sizes.pop() if sizes else 0
 
@@ -462,7 +471,7 @@ def _select_cases(store: Store, magnification: float, fold: int, source_ok: Call
     cases = store.cases()
     labelled = cases[cases["label"].notna() & cases["has_slide"].astype(bool)]
     if labelled.empty:
-        raise RadpathError(f"{store.path('tables/cases.parquet')}: no labelled case with a slide to train on")
+        raise RadpathError(f"{store.path(store.table_rel(CASES_TABLE))}: no labelled case with a slide to train on")
     folds = sorted(int(f) for f in labelled["fold"].unique() if f >= 0)
     if fold >= 0 and fold not in folds:
         raise RadpathError(f"--fold {fold}: the cases table has folds {folds} (or -1 to train on every case)")
@@ -488,9 +497,9 @@ def _embedding_available(store: Store, embedder_id: str, magnification: float) -
     def ok(case_id: str) -> bool:
         if embedding_is_complete(store, embedder_id, case_id, magnification):
             return embedding_count(store, embedder_id, case_id, magnification) > 0
-        if store.group_is_complete("tiles.zarr", f"{case_id}/{mag_key(magnification)}"):
+        if store.group_is_complete(TILES, f"{case_id}/{mag_key(magnification)}"):
             raise StoreError(
-                f"{store.path('embeddings.zarr', embedder_id, case_id, mag_key(magnification))}: no complete "
+                f"{store.path(EMBEDDINGS, embedder_id, case_id, mag_key(magnification))}: no complete "
                 f"embeddings for a tiled case; run `radpath embed` first"
             )
         return False
@@ -502,7 +511,7 @@ def _tiles_available(store: Store, magnification: float) -> Callable[[str], bool
     from radpath_fs.tilestore import tile_count
 
     def ok(case_id: str) -> bool:
-        if not store.group_is_complete("tiles.zarr", f"{case_id}/{mag_key(magnification)}"):
+        if not store.group_is_complete(TILES, f"{case_id}/{mag_key(magnification)}"):
             return False
         return tile_count(store, case_id, magnification) > 0
 
@@ -572,8 +581,7 @@ class WSIRun:
     def is_of_this_run(self, state: dict) -> bool:
         recorded = state.get("fingerprint") or {}
         now = json.loads(json.dumps(self.fingerprint()))  # as state.json holds it
-        # A state of an earlier version recorded fewer keys: what it recorded must match.
-        return bool(recorded) and recorded.keys() <= now.keys() and all(now[k] == v for k, v in recorded.items())
+        return recorded == now
 
     def status(self) -> tuple[dict[str, str], bool]:
         """(snapshot id -> why it must be trained, whether the saved state, if any, is of this run and finished).
@@ -586,10 +594,10 @@ class WSIRun:
         return stale_snapshots(self.store, self.model_ids, fingerprint_hash(self.fingerprint())), finished
 
     def state_dir(self) -> str:
-        return f"models/{self.run_id}/resume"
+        return resume_dir(self.run_id)
 
     def read_state(self) -> dict | None:
-        rel = f"{self.state_dir()}/state.json"
+        rel = wsi_state_path(self.run_id)
         return self.store.read_json(rel) if self.store.exists(rel) else None
 
     def drop_states_but(self, keep: str) -> None:
@@ -774,7 +782,7 @@ class WSITrainer(WSIRun):
                 tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         name = f"e{epoch}.safetensors"
         self.store.write_bytes(f"{self.state_dir()}/{name}", save(tensors))
-        self.store.write_json(f"{self.state_dir()}/state.json", {
+        self.store.write_json(wsi_state_path(self.run_id), {
             "epoch": epoch, "file": name, "fingerprint": self.fingerprint(),
             "param_groups": opt["param_groups"], "history": history,
         })
@@ -839,7 +847,7 @@ class WSITrainer(WSIRun):
         stale = stale_snapshots(self.store, self.model_ids, fingerprint)
         if stale:
             mid, why = min(stale.items())
-            raise RadpathError(f"{self.store.path('models', mid)}: snapshot {why} after training")
+            raise RadpathError(f"{self.store.path(model_dir(mid))}: snapshot {why} after training")
         return self.model_ids
 
 
@@ -904,7 +912,7 @@ def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[M
 
     state, config = load_checkpoint(store, model_id)
     if config.get("modality") != "wsi":
-        raise RadpathError(f"{store.path('models', model_id)}: not a slide model (modality {config.get('modality')!r})")
+        raise RadpathError(f"{store.path(model_dir(model_id))}: not a slide model (modality {config.get('modality')!r})")
     if config["mode"] == "head":
         embedder: nn.Module = nn.Identity()
     else:
@@ -916,7 +924,7 @@ def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[M
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise StoreError(f"{store.path('models', model_id, 'model.safetensors')}: weights do not fit the "
+        raise StoreError(f"{store.path(model_weights_path(model_id))}: weights do not fit the "
                          f"architecture in config.json ({str(e).splitlines()[0]})") from None
     model = model.to(device).eval()
     if device.type == "cuda":

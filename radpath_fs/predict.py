@@ -24,9 +24,10 @@ import pandas as pd
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
-from radpath_fs.predictions import SPLITS, prediction_table, softmax, table_name, write_predictions
+from radpath_fs.layout import EMBEDDINGS, MODELS, TILES, model_config_path, prediction_table_name
+from radpath_fs.predictions import SPLITS, prediction_table, softmax, write_predictions
 from radpath_fs.progress import info, progress_bar, warn
-from radpath_fs.store import Store, check_name, mag_key
+from radpath_fs.store import Store, mag_key
 
 
 def _as_store(store: Store | str) -> Store:
@@ -34,7 +35,7 @@ def _as_store(store: Store | str) -> Store:
 
 
 def model_config(store: Store, model_id: str) -> dict:
-    rel = f"models/{check_name(model_id, 'model id')}/config.json"
+    rel = model_config_path(model_id)
     if not store.exists(rel):
         raise RadpathError(f"{store.path(rel)}: no such model (is the id right? see `radpath query`)")
     return store.read_json(rel)
@@ -84,20 +85,20 @@ def split_cases(cases: pd.DataFrame, split: str, fold: int, train_cases: Sequenc
 def pending_predictions(store: Store | str) -> list[str]:
     """Model snapshots (models/<id>/config.json with a snapshot) missing a default split's table."""
     store = _as_store(store)
-    folder = store.path("models")
+    folder = store.path(MODELS)
     if not store.fs.exists(folder):
         return []
     cases = store.cases()
     todo = []
     for path in sorted(store.fs.ls(folder, detail=False)):
         model_id = path.rstrip("/").rsplit("/", 1)[1]
-        if not store.exists(f"models/{model_id}/config.json"):
-            continue  # a training run's folder (history, resumable state), not a snapshot
-        config = store.read_json(f"models/{model_id}/config.json")
+        if not store.exists(model_config_path(model_id)):
+            continue  # a snapshot being written: its config.json comes last
+        config = store.read_json(model_config_path(model_id))
         if "snapshot" not in config or config.get("modality") not in _HAS:
             continue
         splits = default_splits(cases, int(config.get("fold", -1)), config["modality"])
-        if any(not store.has_table(table_name(model_id, s)) for s in splits):
+        if any(not store.has_table(prediction_table_name(model_id, s)) for s in splits):
             todo.append(model_id)
     return todo
 
@@ -113,7 +114,7 @@ def predict_models(store_url: Store | str, cfg, model_ids: list[str], splits: li
     configs = {m: model_config(store, m) for m in model_ids}  # every id checked before any work
     for model_id, config in configs.items():
         if config.get("modality") not in _HAS:
-            raise RadpathError(f"{store.path('models', model_id, 'config.json')}: unknown modality "
+            raise RadpathError(f"{store.path(model_config_path(model_id))}: unknown modality "
                                f"{config.get('modality')!r}")
     with store.lock("predict"):
         for model_id, config in configs.items():
@@ -171,13 +172,12 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
 
     mag = float(config["magnification"])
     if config["mode"] == "head":
-        from radpath_fs.embed import EMBEDDINGS, embedding_is_complete
+        from radpath_fs.embed import embedding_is_complete
 
         eid = config["embedder"]["id"]
         ok = [c for c in case_ids if embedding_is_complete(store, eid, c, mag)]
         source = EmbeddingBags(store, eid, ok, mag)
-        trained_on = config.get("embedding_transform")  # absent in models made before it was recorded
-        if ok and trained_on is not None and source.transform != trained_on:
+        if ok and source.transform != config["embedding_transform"]:
             raise StoreError(
                 f"{store.path(EMBEDDINGS, eid)}: embedded with other normalisation statistics than model "
                 f"{config['run_id']} (snapshot {config['snapshot']}) was trained on (`radpath embed` recomputes "
@@ -190,8 +190,6 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
                 "estimates them again when the training tiles change); retrain it with `radpath train-wsi`"
             )
     else:
-        from radpath_fs.tilestore import TILES
-
         ok = [c for c in case_ids if store.group_is_complete(TILES, f"{c}/{mag_key(mag)}")]
         source = TileBags(store, ok, mag)
     return source, [c for c in case_ids if c not in set(ok)]
@@ -282,4 +280,4 @@ def _predict_split(store: Store, cfg, model_id: str, model, config: dict, split:
 def _wsi_section(config: dict):
     from radpath_fs.config import WSITrainConfig, validate_stored
 
-    return validate_stored(WSITrainConfig, config["wsi"], f"models/{config['model_id']}/config.json: wsi")
+    return validate_stored(WSITrainConfig, config["wsi"], f"{model_config_path(config['model_id'])}: wsi")

@@ -1,7 +1,7 @@
 """What the slide and the MRI trainers share: devices, seeds, class weights, checkpoints, history.
 
-Checkpoints are `models/<model_id>/model.safetensors` + `config.json` (+ `history.parquet` per
-training run): nothing is ever unpickled.
+Snapshots are `models/<model_id>/model.safetensors` + `config.json`, a run's history is
+`runs/<run_id>/history.parquet` (`radpath_fs.layout`): nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ import pandas as pd
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import InputError, RadpathError
+from radpath_fs.layout import (
+    PREDICTIONS,
+    history_path,
+    model_config_path,
+    model_dir,
+    model_weights_path,
+    parse_prediction_table_name,
+)
 from radpath_fs.progress import info, warn
-from radpath_fs.store import check_name
 
 
 def resolve_device(spec: str = "auto"):
@@ -143,14 +150,13 @@ def save_checkpoint(store, model_id: str, state_dict: dict, config: dict, finger
     """
     from safetensors.torch import save
 
-    check_name(model_id, "model id")
-    _remove(store, f"models/{model_id}/config.json")
-    for name in store.list_tables("predictions"):
-        if name.removeprefix("predictions/").rsplit("--", 1)[0] == model_id:
+    _remove(store, model_config_path(model_id))
+    for name in store.list_tables(PREDICTIONS):
+        if parse_prediction_table_name(name)[0] == model_id:
             _remove(store, store.table_rel(name))
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    store.write_bytes(f"models/{model_id}/model.safetensors", save(tensors))
-    store.write_json(f"models/{model_id}/config.json", {"model_id": model_id, **config, FINGERPRINT: fingerprint})
+    store.write_bytes(model_weights_path(model_id), save(tensors))
+    store.write_json(model_config_path(model_id), {"model_id": model_id, **config, FINGERPRINT: fingerprint})
 
 
 def _remove(store, rel: str) -> None:
@@ -162,13 +168,10 @@ def _remove(store, rel: str) -> None:
 def stale_snapshots(store, model_ids: list[str], fingerprint: str, expect: dict | None = None) -> dict[str, str]:
     """Model id -> why it must be trained (again), for the snapshots that are not of the run
     `fingerprint` identifies, or whose config.json differs from `expect`; reads only config.json.
-
-    Snapshots from before fingerprints were recorded are kept, with a warning: they are what the
-    earlier version trained, and retraining them unasked could cost GPU days (`--no-resume` does).
     """
-    stale, legacy = {}, []
+    stale = {}
     for model_id in model_ids:
-        rel = f"models/{check_name(model_id, 'model id')}/config.json"
+        rel = model_config_path(model_id)
         if not store.exists(rel):
             stale[model_id] = "missing"
             continue
@@ -176,13 +179,8 @@ def stale_snapshots(store, model_ids: list[str], fingerprint: str, expect: dict 
         wrong = [f"made with {k} {config.get(k)!r}, now {v!r}" for k, v in (expect or {}).items() if config.get(k) != v]
         if wrong:
             stale[model_id] = wrong[0]
-        elif FINGERPRINT not in config:
-            legacy.append(model_id)
-        elif config[FINGERPRINT] != fingerprint:
+        elif config.get(FINGERPRINT) != fingerprint:
             stale[model_id] = "trained with another config or case list"
-    if legacy:
-        warn(f"{', '.join(legacy)}: made by an earlier radpath_fs, which recorded no training fingerprint; "
-             "kept as they are (--no-resume retrains them)")
     return stale
 
 
@@ -203,13 +201,11 @@ def nothing_to_train(run_id: str, model_ids: list[str], stale: dict[str, str], f
 
 def load_checkpoint(store, model_id: str) -> tuple[dict, dict]:
     """Return (state_dict, config). Only safetensors is read; a pickle is refused."""
-    check_name(model_id, "model id")
-    folder = f"models/{model_id}"
-    if not store.exists(f"{folder}/config.json"):
-        raise RadpathError(f"{store.path(folder)}: no such model (is the id right? see `radpath query`)")
-    config = store.read_json(f"{folder}/config.json")
-    data = store.fs.cat_file(store.path(f"{folder}/model.safetensors"))
-    return load_safetensors_bytes(data, store.path(f"{folder}/model.safetensors")), config
+    if not store.exists(model_config_path(model_id)):
+        raise RadpathError(f"{store.path(model_dir(model_id))}: no such model (is the id right? see `radpath query`)")
+    config = store.read_json(model_config_path(model_id))
+    weights = store.path(model_weights_path(model_id))
+    return load_safetensors_bytes(store.fs.cat_file(weights), weights), config
 
 
 def load_safetensors_bytes(data: bytes, source: str) -> dict:
@@ -224,13 +220,13 @@ def load_safetensors_bytes(data: bytes, source: str) -> dict:
 
 
 def write_history(store, run_id: str, records: list[dict]) -> None:
-    """Per-epoch training history (loss, metrics) as `models/<run_id>/history.parquet`."""
+    """Per-epoch training history (loss, metrics) as `runs/<run_id>/history.parquet`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(pd.DataFrame.from_records(records), preserve_index=False), buf)
-    store.write_bytes(f"models/{check_name(run_id, 'run id')}/history.parquet", buf.getvalue())
+    store.write_bytes(history_path(run_id), buf.getvalue())
 
 
 def config_json(obj) -> dict:

@@ -3,7 +3,7 @@
 Weighted cross-entropy, Adam, `mri.epochs` epochs of `mri.batch_size` volumes; snapshots at
 `mri.snapshot_epochs()` become models `mri-fold{K}-e{E}` (safetensors + config.json). After every
 epoch a resumable training state (model + optimizer tensors, epoch and history as JSON in the
-safetensors header) is written to `models/<run_id>/state.safetensors`; nothing is pickled.
+safetensors header) is written to `runs/<run_id>/resume/state.safetensors`; nothing is pickled.
 On CUDA: bf16 autocast and channels_last_3d. On the CPU: fp32, deterministic with a seed.
 """
 
@@ -22,6 +22,7 @@ import torch
 from radpath_fs import CLASSES
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import ConfigError, RadpathError
+from radpath_fs.layout import mri_state_path
 from radpath_fs.mri.data import (
     KEEP_BYTES,
     CachedVolumes,
@@ -56,7 +57,6 @@ NETWORKS = {
     "densenet201": "DenseNet201",
     "densenet264": "DenseNet264",
 }
-STATE_FILE = "state.safetensors"
 
 
 def build_network(mcfg: MRITrainConfig) -> torch.nn.Module:
@@ -101,7 +101,7 @@ def check_network(mcfg: MRITrainConfig) -> None:
 
 
 def run_id(fold: int) -> str:
-    """models/<run_id>/ holds a fold's history and training state (`mri-fold0`, `mri-all`)."""
+    """runs/<run_id>/ holds a fold's history and training state (`mri-fold0`, `mri-all`)."""
     return mri_model_id(fold, 0).removesuffix("-e0")
 
 
@@ -172,7 +172,7 @@ def make_optimizer(model: torch.nn.Module, mcfg: MRITrainConfig, rt: Runtime) ->
 
 # ---- resumable training state --------------------------------------------------------------------
 def save_state(store: Store, rid: str, model, optimizer, meta: dict) -> None:
-    """models/<rid>/state.safetensors: model and optimizer tensors, `meta` as JSON in the header."""
+    """runs/<rid>/resume/state.safetensors: model and optimizer tensors, `meta` as JSON in the header."""
     from safetensors.torch import save
 
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -181,7 +181,7 @@ def save_state(store: Store, rid: str, model, optimizer, meta: dict) -> None:
         for name, value in st.items():
             tensors[f"optim/{idx}/{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     meta = {**meta, "param_groups": opt["param_groups"]}
-    store.write_bytes(f"models/{rid}/{STATE_FILE}", save(tensors, metadata={"radpath": json.dumps(meta)}))
+    store.write_bytes(mri_state_path(rid), save(tensors, metadata={"radpath": json.dumps(meta)}))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
@@ -199,7 +199,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
 
 def load_state(store: Store, rid: str) -> tuple[dict, dict, dict] | None:
     """(model state_dict, optimizer state_dict, meta) or None when there is no state."""
-    rel = f"models/{rid}/{STATE_FILE}"
+    rel = mri_state_path(rid)
     if not store.exists(rel):
         return None
     data = store.fs.cat_file(store.path(rel))
@@ -218,7 +218,7 @@ def load_state(store: Store, rid: str) -> tuple[dict, dict, dict] | None:
 
 def state_meta(store: Store, rid: str) -> dict | None:
     """The JSON metadata of the training state (epoch, history, ...), read without its tensors."""
-    rel = f"models/{rid}/{STATE_FILE}"
+    rel = mri_state_path(rid)
     if not store.exists(rel):
         return None
     with store.fs.open(store.path(rel), "rb") as f:
@@ -349,9 +349,9 @@ def _train(store, cfg, fold, train, val, device, resume, snapshot_ids, fingerpri
     if state is not None:
         model_sd, optim_sd, meta = state
         if meta.get("fingerprint") != fingerprint:
-            warn(f"{store.path('models', rid, STATE_FILE)} was made with another config or case list; starting over")
+            warn(f"{store.path(mri_state_path(rid))} was made with another config or case list; starting over")
         elif int(meta["epoch"]) + 1 >= mcfg.epochs:
-            warn(f"{store.path('models', rid, STATE_FILE)} is of a finished run whose snapshots are missing or replaced; "
+            warn(f"{store.path(mri_state_path(rid))} is of a finished run whose snapshots are missing or replaced; "
                  "starting over")
         else:
             model.load_state_dict(model_sd)
