@@ -150,7 +150,7 @@ def read_labels(path: Path) -> pd.DataFrame:
         raise InputError(path, f"not a readable CSV ({e})") from None
     if "CPM_RadPath_2019_ID" not in df.columns:
         raise InputError(path, f"missing column 'CPM_RadPath_2019_ID'; expected {list(LABELS_HEADER[:2])} (+ age_in_days)")
-    # DESIGN.md: the class is absent for hidden sets, so no class column, or an empty class, is an
+    # The class is absent for hidden sets, so no class column, or an empty class, is an
     # unlabelled case (label None).
     df["class"] = df["class"].astype(object).where(df["class"].notna(), None) if "class" in df.columns else None
     line = _data_lines(path)

@@ -1,4 +1,4 @@
-"""`radpath predict`: a model's prediction table for each split, in the DESIGN.md schema.
+"""`radpath predict`: a model's prediction table for each split, in the schema of store/README.md.
 
 Slide models follow the paper's inference protocol: per slide, `predict.tiles_per_slide` random
 tiles (all of them when there are fewer), augmented tile by tile with the training augmentation

@@ -45,7 +45,20 @@ import yaml
 from chain_data import assert_same_store as compare_stores
 from chain_data import safetensors_parts, without_columns
 
-from radpath_fs.store import LOCK_NAME, TMP_PREFIX, Store
+from radpath_fs.layout import (
+    CASES_TABLE,
+    HISTORY,
+    LOCK_NAME,
+    PREDICTIONS,
+    TABLE_SUFFIX,
+    TABLES,
+    TILES_TABLE,
+    TMP_PREFIX,
+    history_path,
+    mri_state_path,
+    wsi_state_path,
+)
+from radpath_fs.store import Store
 
 KILLS = 10  # SIGKILLs at random times that must land per command
 MAX_ATTEMPTS = 40
@@ -101,7 +114,7 @@ def count_renames(kill_at):
     original = os.replace
     def replace(src, dst, *args, **kwargs):
         name = os.path.basename(os.fspath(src))
-        if name.startswith(".tmp-") or name.endswith(".partial"):
+        if name.startswith(TMP_PREFIX) or name.endswith(".partial"):
             renames[0] += 1
             if renames[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -204,16 +217,16 @@ def _safetensors(path: Path) -> tuple[dict, bytes]:
 
 # The rows that must be unique in each kind of table (whole rows, for the others).
 TABLE_KEYS = {
-    "tiles.parquet": ["case_id", "magnification", "tile_index"],
-    "cases.parquet": ["case_id"],
-    "history.parquet": ["epoch"],
+    TILES_TABLE + TABLE_SUFFIX: ["case_id", "magnification", "tile_index"],
+    CASES_TABLE + TABLE_SUFFIX: ["case_id"],
+    HISTORY: ["epoch"],
 }
 
 
 def _check_no_duplicates(rel: str, table) -> None:
     df = table.to_pandas()
     name = rel.rsplit("/", 1)[-1]
-    key = TABLE_KEYS.get(name, ["model_id", "split", "case_id"] if rel.startswith("tables/predictions/") else None)
+    key = TABLE_KEYS.get(name, ["model_id", "split", "case_id"] if rel.startswith(f"{TABLES}/{PREDICTIONS}/") else None)
     dup = df.duplicated(subset=key).sum() if len(df) else 0
     assert dup == 0, f"{rel}: {dup} duplicate row(s) by {key or 'all columns'}"
 
@@ -339,16 +352,16 @@ def chain(tmp_path_factory):
 
 
 def _history(store: Path, run: str):
-    path = store / "models" / run / "history.parquet"
+    path = store / history_path(run)
     return pq.read_table(path).to_pandas() if path.exists() else None
 
 
 def _state_epoch(store: Path, run: str) -> int | None:
     """The last epoch of the resumable training state (the epoch a rerun resumes after)."""
-    wsi = store / "models" / run / "resume" / "state.json"
+    wsi = store / wsi_state_path(run)
     if wsi.exists():
         return int(json.loads(wsi.read_text())["epoch"])
-    mri = store / "models" / run / "state.safetensors"
+    mri = store / mri_state_path(run)
     if mri.exists():
         return int(_safetensors(mri)[0]["metadata"]["radpath"]["epoch"])
     return None

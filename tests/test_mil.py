@@ -18,6 +18,15 @@ from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig, TileConfig
 from radpath_fs.embed import create_embedder, embedder_id
 from radpath_fs.errors import RadpathError, StoreError
+from radpath_fs.layout import (
+    EMBEDDINGS,
+    TILES,
+    history_path,
+    model_config_path,
+    model_weights_path,
+    prediction_table_name,
+    wsi_state_path,
+)
 from radpath_fs.mil import BagPool, MILClassifier, PooledHead, WSITrainer, train_wsi, wsi_run_id
 from radpath_fs.predict import pending_predictions, predict_models
 from radpath_fs.predictions import REQUIRED, SCHEMA
@@ -46,7 +55,7 @@ def cases_frame(labels, folds, unlabelled: int = 0) -> pd.DataFrame:
 
 
 def write_embeddings(store: Store, eid: str, case: str, mag: float, x: np.ndarray) -> None:
-    arr = zarr.create_array(store.zarr_store("embeddings.zarr"), name=f"{eid}/{case}/{mag_key(mag)}",
+    arr = zarr.create_array(store.zarr_store(EMBEDDINGS), name=f"{eid}/{case}/{mag_key(mag)}",
                             shape=x.shape, dtype="float16", chunks=(max(1, len(x)), x.shape[1]), overwrite=True)
     if len(x):
         arr[...] = x.astype(np.float16)
@@ -105,7 +114,7 @@ def tile_store(path, n: int = 24, tiles: int = 12, size: int = 48, unlabelled: i
 
 
 def history(store: Store, mag: float, fold: int) -> pd.DataFrame:
-    return pq.read_table(store.local_path("models", wsi_run_id(mag, fold), "history.parquet")).to_pandas()
+    return pq.read_table(store.local_path(history_path(wsi_run_id(mag, fold)))).to_pandas()
 
 
 def model_bytes(store: Store, model_id: str) -> bytes:
@@ -227,8 +236,8 @@ def test_head_mode_learns_planted_signal_and_not_noise(planted):
     predict_models(store, cfg, ["wsi-mag20-fold0-e29", "wsi-mag5-fold0-e29"], ["oof"], device="cpu")
     from sklearn.metrics import balanced_accuracy_score
 
-    oof20 = store.read_table("predictions/wsi-mag20-fold0-e29--oof")
-    oof5 = store.read_table("predictions/wsi-mag5-fold0-e29--oof")
+    oof20 = store.read_table(prediction_table_name("wsi-mag20-fold0-e29", "oof"))
+    oof5 = store.read_table(prediction_table_name("wsi-mag5-fold0-e29", "oof"))
     assert balanced_accuracy_score(oof20["label"], oof20["pred_vote"]) >= 0.85
     assert balanced_accuracy_score(oof5["label"], oof5["pred_vote"]) <= 0.6
 
@@ -244,7 +253,7 @@ def test_head_mode_snapshots_and_model_config(planted):
         cases = store.cases()
         assert sorted(config["train_cases"]) == sorted(cases[cases["fold"].isin([1, 2])]["case_id"])
     assert cfg.wsi.snapshot_epochs() == [19, 29]
-    assert not store.exists("models/wsi-mag20-fold0-e28/config.json")
+    assert not store.exists(model_config_path("wsi-mag20-fold0-e28"))
 
 
 def test_predict_writes_contract_rows_with_votes(planted):
@@ -266,12 +275,12 @@ def test_predict_writes_contract_rows_with_votes(planted):
         assert (votes.sum(1) == cfg.predict.repeats).all() and (df["repeats"] == cfg.predict.repeats).all()
         # The class is the vote's winner.
         assert (votes[np.arange(len(df)), [CLASSES.index(c) for c in df["pred_vote"]]] == votes.max(1)).all()
-    val = store.read_table("predictions/wsi-mag20-fold0-e19--val")
+    val = store.read_table(prediction_table_name("wsi-mag20-fold0-e19", "val"))
     assert val["label"].isna().all()
     # Seeded: predicting again gives the same table.
-    before = store.read_table("predictions/wsi-mag20-fold0-e19--oof")
+    before = store.read_table(prediction_table_name("wsi-mag20-fold0-e19", "oof"))
     predict_models(store, cfg, ["wsi-mag20-fold0-e19"], ["oof"], device="cpu")
-    pd.testing.assert_frame_equal(before, store.read_table("predictions/wsi-mag20-fold0-e19--oof"))
+    pd.testing.assert_frame_equal(before, store.read_table(prediction_table_name("wsi-mag20-fold0-e19", "oof")))
     with pytest.raises(RadpathError, match="no such model"):
         predict_models(store, cfg, ["wsi-mag20-fold0-e7"], None, device="cpu")
     with pytest.raises(RadpathError, match="--split"):
@@ -284,9 +293,9 @@ def test_a_head_predicts_only_on_embeddings_made_as_for_its_training(planted, tm
     import shutil
 
     store, cfg = planted
-    assert store.read_json("models/wsi-mag20-fold0-e29/config.json")["embedding_transform"] == PLANTED_TRANSFORM
+    assert store.read_json(model_config_path("wsi-mag20-fold0-e29"))["embedding_transform"] == PLANTED_TRANSFORM
     copy = Store(shutil.copytree(store.root, tmp_path / "copy"))
-    group = zarr.open_group(copy.zarr_store("embeddings.zarr"), path=embedder_id(cfg.embed), mode="r+")
+    group = zarr.open_group(copy.zarr_store(EMBEDDINGS), path=embedder_id(cfg.embed), mode="r+")
     cases = list(copy.cases()["case_id"])
     group[f"{cases[0]}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
     with pytest.raises(StoreError, match="2 different transforms or calibrations; rerun `radpath embed`"):
@@ -353,28 +362,30 @@ def test_a_changed_head_setting_retrains_and_its_predictions_are_redone(tmp_path
     err = " ".join(capsys.readouterr().err.split())
     assert f"{model_id}: trained with another config or case list; retraining" in err
     assert model_bytes(store, model_id) != old
-    assert store.read_json(f"models/{model_id}/config.json")["head"]["dropout"] == 0.1
+    assert store.read_json(model_config_path(model_id))["head"]["dropout"] == 0.1
     assert not any(Path(p).exists() for p in tables) and pending_predictions(store) == [model_id]
     assert wsi_is_current(store, changed, 20, 0) and not wsi_is_current(store, cfg, 20, 0)
     # Embeddings made again (other normalisation statistics) are other inputs: another run.
-    group = zarr.open_group(store.zarr_store("embeddings.zarr"), path=embedder_id(cfg.embed), mode="r+")
+    group = zarr.open_group(store.zarr_store(EMBEDDINGS), path=embedder_id(cfg.embed), mode="r+")
     for case in store.cases()["case_id"]:
         group[f"{case}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
     assert not wsi_is_current(store, changed, 20, 0)
     for case in store.cases()["case_id"]:
         group[f"{case}/20"].attrs["transform"] = PLANTED_TRANSFORM
     assert wsi_is_current(store, changed, 20, 0)
-    # Snapshots of an earlier version (no fingerprint recorded) are kept as they are, with a warning.
-    config_json = Path(store.path("models", model_id, "config.json"))
-    config_json.write_text(json.dumps({k: v for k, v in json.loads(config_json.read_text()).items()
-                                       if k != "training_fingerprint"}))
-    state_json = Path(store.path("models", "wsi-mag20-fold0", "resume", "state.json"))
+    # A snapshot or a resume state that records no fingerprint, or only part of one, is of no known run.
+    config_json = Path(store.path(model_config_path(model_id)))
+    config = json.loads(config_json.read_text())
+    config_json.write_text(json.dumps({k: v for k, v in config.items() if k != "training_fingerprint"}))
+    assert not wsi_is_current(store, changed, 20, 0)
+    config_json.write_text(json.dumps(config))
+    assert wsi_is_current(store, changed, 20, 0)
+    state_json = Path(store.path(wsi_state_path("wsi-mag20-fold0")))
     state = json.loads(state_json.read_text())
     state_json.write_text(json.dumps({**state, "fingerprint": {k: v for k, v in state["fingerprint"].items()
                                                                if k != "inputs"}}))
-    capsys.readouterr()
-    assert wsi_is_current(store, changed, 20, 0) and not wsi_is_current(store, cfg, 20, 0)
-    assert "made by an earlier radpath_fs" in " ".join(capsys.readouterr().err.split())
+    assert not wsi_is_current(store, changed, 20, 0)
+    state_json.write_text(json.dumps(state))
     # Another case list (the folds reassigned) is another run too.
     cases = store.read_table("cases")
     store.write_table("cases", cases.assign(fold=np.where(cases["fold"] >= 0, (cases["fold"] + 1) % 3, -1)))
@@ -420,7 +431,7 @@ def test_finetune_same_seed_same_bytes_and_resume_equals_uninterrupted(finetuned
     monkeypatch.setattr(WSITrainer, "train_epoch", crash_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train_wsi(twin, cfg, 20, 0, device="cpu")
-    assert twin.read_json(f"models/{wsi_run_id(20, 0)}/resume/state.json")["epoch"] == 2
+    assert twin.read_json(wsi_state_path(wsi_run_id(20, 0)))["epoch"] == 2
     monkeypatch.setattr(WSITrainer, "train_epoch", interrupted)
     train_wsi(twin, cfg, 20, 0, device="cpu")  # resumes at epoch 3
     for epoch in cfg.wsi.snapshot_epochs():
@@ -440,9 +451,9 @@ def test_predict_finetune_model_augments_tile_by_tile(finetuned):
     store, cfg, _ = finetuned
     predict_models(store, cfg, ["wsi-mag20-fold0-e7"], ["oof", "val", "train"], device="cpu")
     cases = store.cases()
-    oof = store.read_table("predictions/wsi-mag20-fold0-e7--oof")
-    train = store.read_table("predictions/wsi-mag20-fold0-e7--train")
-    val = store.read_table("predictions/wsi-mag20-fold0-e7--val")
+    oof = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "oof"))
+    train = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "train"))
+    val = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "val"))
     assert sorted(oof["case_id"]) == sorted(cases[cases["fold"] == 0]["case_id"])
     assert sorted(train["case_id"]) == sorted(cases[cases["fold"] > 0]["case_id"])
     assert len(val) == 2 and val["label"].isna().all()
@@ -454,7 +465,7 @@ def test_predict_finetune_model_augments_tile_by_tile(finetuned):
     # Without it (predict.augment: false) the tiles are center-cropped; only the subsets vary.
     plain = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"augment": False})})
     predict_models(store, plain, ["wsi-mag20-fold0-e7"], ["oof"], device="cpu")
-    again = store.read_table("predictions/wsi-mag20-fold0-e7--oof")
+    again = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "oof"))
     assert list(again["case_id"]) == list(oof["case_id"]) and not np.allclose(again["prob_A"], oof["prob_A"])
 
 
@@ -471,11 +482,11 @@ def test_cli_train_and_predict(planted, tmp_path):
     r = CliRunner().invoke(app, ["train-wsi", "--store", store.url, "--config", str(yaml_path), "--mag", "20",
                                  "--fold", "1", "--mode", "head", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert store.exists("models/wsi-mag20-fold1-e29/model.safetensors")
+    assert store.exists(model_weights_path("wsi-mag20-fold1-e29"))
     r = CliRunner().invoke(app, ["predict", "--store", store.url, "--config", str(yaml_path),
                                  "--model", "wsi-mag20-fold1-e29", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert store.has_table("predictions/wsi-mag20-fold1-e29--oof")
+    assert store.has_table(prediction_table_name("wsi-mag20-fold1-e29", "oof"))
     r = CliRunner().invoke(app, ["train-wsi", "--store", store.url, "--config", str(yaml_path), "--mag", "20",
                                  "--fold", "9", "--device", "cpu"])
     assert r.exit_code == 2 and "folds" in r.output
@@ -522,14 +533,14 @@ def test_real_chain_synth_tile_embed_train_predict(tmp_path):
     assert sorted(todo) == ["wsi-mag2.5-fold0-e3", "wsi-mag20-fold0-e3"]
     predict_models(url, cfg, todo, None, device="cpu")
     assert pending_predictions(store) == []
-    oof = store.read_table("predictions/wsi-mag20-fold0-e3--oof")
-    val = store.read_table("predictions/wsi-mag20-fold0-e3--val")
+    oof = store.read_table(prediction_table_name("wsi-mag20-fold0-e3", "oof"))
+    val = store.read_table(prediction_table_name("wsi-mag20-fold0-e3", "val"))
     assert sorted(oof["case_id"]) == sorted(cases.loc[cases["label"].notna() & (cases["fold"] == 0), "case_id"])
     assert sorted(val["case_id"]) == sorted(cases.loc[cases["label"].isna(), "case_id"])
     tiles = store.read_table("tiles")
     per_case = tiles[tiles["magnification"] == 20].groupby("case_id").size()
     assert (oof.set_index("case_id")["tiles"] == per_case.loc[oof["case_id"]].to_numpy()).all()
-    config = store.read_json("models/wsi-mag20-fold0-e3/config.json")
+    config = store.read_json(model_config_path("wsi-mag20-fold0-e3"))
     assert config["embedder"]["id"] == embedder_id(EmbedConfig(name=EMBEDDER, weights="random", input_size=64, batch_size=128))
 
 
@@ -542,7 +553,7 @@ def out_of_fold_balanced_accuracy(store: Store, cfg: PipelineConfig, mag: float,
     for fold in range(folds):
         (model_id,) = train_wsi(store, cfg, mag, fold, device="cpu")
         predict_models(store, cfg, [model_id], ["oof"], device="cpu")
-        oof.append(store.read_table(f"predictions/{model_id}--oof"))
+        oof.append(store.read_table(prediction_table_name(model_id, "oof")))
     df = pd.concat(oof)
     return float(balanced_accuracy_score(df["label"], df["pred_vote"])), len(df)
 
@@ -601,7 +612,7 @@ def test_gpu_benchmark_runs_on_the_cpu_with_tiny_sizes(tmp_path):
 
 def test_a_damaged_tile_chunk_is_an_error_naming_the_slide(tmp_path):
     store, cfg = tile_store(tmp_path / "store", n=6)
-    shard = sorted(p for p in (tmp_path / "store" / "tiles.zarr" / "C001" / "20" / "pixels").rglob("*")
+    shard = sorted(p for p in (tmp_path / "store" / TILES / "C001" / "20" / "pixels").rglob("*")
                    if p.is_file() and p.name != "zarr.json")[0]
     data = bytearray(shard.read_bytes())
     data[16:4096] = bytes(4080)  # zeroes over the first compressed tiles

@@ -19,8 +19,8 @@ from scipy import ndimage
 from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import BatchErrors, ConfigError, InputError, StoreError
+from radpath_fs.layout import LOCK_NAME, MRI_ZARR, history_path
 from radpath_fs.mri import (
-    MRI_ZARR,
     is_cached,
     predict_mri,
     preprocess_case,
@@ -389,7 +389,7 @@ def trained(tmp_path_factory, cohort):
 def test_training_learns_above_chance(trained):
     store, cfg, ids = trained
     assert ids == ["mri-fold0-e9", "mri-fold0-e11"]
-    history = pq.read_table(store.path("models", "mri-fold0", "history.parquet")).to_pandas()
+    history = pq.read_table(store.path(history_path("mri-fold0"))).to_pandas()
     assert list(history["epoch"]) == list(range(12))
     last = history.iloc[-1]
     # Chance is 1/3 balanced accuracy and ln 3 = 1.10 weighted cross-entropy on the 12 held-out cases.
@@ -422,7 +422,7 @@ def test_predict_writes_contract_rows(trained, cohort):
     assert dict(zip(oof_df["case_id"], oof_df["label"], strict=True)) == fold0
     assert set(val_df["case_id"]) == {"HIDDEN00", "HIDDEN01", "HIDDEN02"} and val_df["label"].isna().all()
     # The table holds the model's real outputs: its held-out accuracy matches training's last epoch.
-    history = pq.read_table(store.path("models", "mri-fold0", "history.parquet")).to_pandas()
+    history = pq.read_table(store.path(history_path("mri-fold0"))).to_pandas()
     pred = oof_df[[f"logit_{c}" for c in CLASSES]].to_numpy().argmax(1)
     truth = np.array([CLASSES.index(x) for x in oof_df["label"]])
     per_class = [np.mean(pred[truth == k] == k) for k in range(3)]
@@ -452,15 +452,15 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
         train_mri(crashed.url, cfg, fold=-1, device="cpu")
     monkeypatch.undo()
     assert not (Path(crashed.root) / "models" / "mri-all-e2").exists()
-    assert not (Path(crashed.root) / ".radpath.lock").exists()  # the lock went with the crash
+    assert not (Path(crashed.root) / LOCK_NAME).exists()  # the lock went with the crash
     train_mri(crashed.url, cfg, fold=-1, device="cpu", resume=True)
 
     a, _ = load_checkpoint(whole, "mri-all-e2")
     b, conf = load_checkpoint(crashed, "mri-all-e2")
     assert conf["fold"] == -1 and conf["heldout_cases"] == []
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ha = pq.read_table(whole.path("models", "mri-all", "history.parquet")).to_pandas()
-    hb = pq.read_table(crashed.path("models", "mri-all", "history.parquet")).to_pandas()
+    ha = pq.read_table(whole.path(history_path("mri-all"))).to_pandas()
+    hb = pq.read_table(crashed.path(history_path("mri-all"))).to_pandas()
     assert list(ha["train_loss"]) == list(hb["train_loss"])
 
     # Complete: a rerun trains nothing; --no-resume starts over from the same seed (same weights).
@@ -528,7 +528,7 @@ def test_a_changed_setting_retrains_and_its_predictions_are_redone(tmp_path, coh
     # train_mri must look at it (it joins the training cases), so the run is not current.
     t1 = Path(rows[0]["mri_t1"])
     good = t1.read_bytes()
-    shutil.rmtree(store.path("mri.zarr", str(rows[0]["case_id"])))
+    shutil.rmtree(store.path(MRI_ZARR, str(rows[0]["case_id"])))
     t1.write_bytes(good[:100])
     train_mri(store.url, changed, fold=0, device="cpu", skip_errors=True)
     t1.write_bytes(good)

@@ -19,6 +19,7 @@ import torch
 from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig
 from radpath_fs.embed import embedder_id
+from radpath_fs.layout import history_path
 from radpath_fs.mil import train_wsi, wsi_run_id
 from radpath_fs.store import Store
 
@@ -51,7 +52,7 @@ def test_head_mode_221_slides_50_epochs(tmp_path):
     t0 = time.perf_counter()
     train_wsi(store, cfg, 20, 0, mode="head", device="cpu")
     total = time.perf_counter() - t0
-    h = pd.read_parquet(store.local_path("models", wsi_run_id(20, 0), "history.parquet"))
+    h = pd.read_parquet(store.local_path(history_path(wsi_run_id(20, 0))))
     train_s = float(h["seconds"].sum())
     print(f"\nhead mode, {CASES} slides ({len(h)} epochs, fold 0 held out), L={L}, torch threads={threads}: "
           f"{total:.1f} s in all (reading the bags, validation, history, snapshots included), {train_s:.1f} s "
