@@ -90,6 +90,7 @@ if threads != 1:  # fork keeps only the calling thread: a library's worker threa
 print(json.dumps({"ready": True}), flush=True)
 import signal
 from radpath_fs.cli import main
+from radpath_fs.layout import TMP_PREFIX
 from radpath_fs.store import Store
 
 def count_writes(kill_after):
