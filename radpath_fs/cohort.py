@@ -1,6 +1,6 @@
 """`radpath ingest`: scan a CPM-RadPath folder, validate what is cheap to check, write the cases table.
 
-Layout (DESIGN.md):
+Layout (the challenge's):
     DATA/Pathology/<ID>.tiff|.tif|.svs
     DATA/Radiology/<ID>/<ID>_{t1,t1ce,t2,flair}.nii.gz
     labels CSV: CPM_RadPath_2019_ID,class,age_in_days   (no class column, or an empty class: unlabelled)
@@ -26,6 +26,7 @@ from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.config import IngestConfig
 from radpath_fs.errors import BatchErrors, InputError, RadpathError, StoreError
 from radpath_fs.folds import assign_folds
+from radpath_fs.layout import CASES_TABLE
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, check_name
 
@@ -150,7 +151,7 @@ def read_labels(path: Path) -> pd.DataFrame:
         raise InputError(path, f"not a readable CSV ({e})") from None
     if "CPM_RadPath_2019_ID" not in df.columns:
         raise InputError(path, f"missing column 'CPM_RadPath_2019_ID'; expected {list(LABELS_HEADER[:2])} (+ age_in_days)")
-    # DESIGN.md: the class is absent for hidden sets, so no class column, or an empty class, is an
+    # The class is absent for hidden sets, so no class column, or an empty class, is an
     # unlabelled case (label None).
     df["class"] = df["class"].astype(object).where(df["class"].notna(), None) if "class" in df.columns else None
     line = _data_lines(path)
@@ -336,7 +337,7 @@ def ingest(
     df = cases_frame(records, cfg, unlabelled_split)
     store = Store(store_url, create=True)
     with store.lock("ingest"):
-        store.write_table("cases", df)
+        store.write_table(CASES_TABLE, df)
     for e in errors:
         warn(f"excluded: {e}")
     kept = df[~df["excluded"]]
@@ -348,6 +349,6 @@ def ingest(
     info(
         f"ingested {len(kept)} case(s) ({', '.join(f'{c} {n}' for c, n in counts.items())}, "
         f"{kept['label'].isna().sum()} unlabelled; {int(kept['has_slide'].sum())} slides, "
-        f"{int(kept['has_mri'].sum())} MRI), {int(df['excluded'].sum())} excluded -> {store.path('tables/cases.parquet')}"
+        f"{int(kept['has_mri'].sum())} MRI), {int(df['excluded'].sum())} excluded -> {store.path(store.table_rel(CASES_TABLE))}"
     )
     return df

@@ -23,7 +23,7 @@ class Section(BaseModel):
 
 
 def mag_to_mpp(magnification: float) -> float:
-    """Objective magnification to µm/px, the convention of DESIGN.md (40x = 0.25 µm/px)."""
+    """Objective magnification to µm/px, by the usual convention (40x = 0.25 µm/px)."""
     return 10.0 / float(magnification)
 
 

@@ -21,8 +21,9 @@ import numpy as np
 
 from radpath_fs.config import EmbedConfig
 from radpath_fs.embedders import create_embedder, embedder_id, embedder_record, embedding_width
-from radpath_fs.embeddings import EMBEDDINGS, embedding_path, open_embedding, write_embedding
+from radpath_fs.embeddings import embedding_path, open_embedding, write_embedding
 from radpath_fs.errors import ConfigError, RadpathError, StoreError
+from radpath_fs.layout import COMPLETE, EMBEDDINGS, TILES
 from radpath_fs.normstats import (
     calibrate_store_embedder,
     calibration_rel,
@@ -36,8 +37,8 @@ from radpath_fs.normstats import (
     tile_pixels,
 )
 from radpath_fs.progress import info, warn
-from radpath_fs.store import COMPLETE, Store
-from radpath_fs.tilestore import TILES, TileReader
+from radpath_fs.store import Store
+from radpath_fs.tilestore import TileReader
 from radpath_fs.transforms import eval_transform
 
 

@@ -10,9 +10,9 @@ import json
 import numpy as np
 
 from radpath_fs.errors import StoreError
-from radpath_fs.store import COMPLETE, Store, check_name, mag_key
+from radpath_fs.layout import COMPLETE, EMBEDDINGS
+from radpath_fs.store import Store, check_name, mag_key
 
-EMBEDDINGS = "embeddings.zarr"
 # Rows per chunk of an embedding array: a whole bag of up to ~6.5k float16 1280-d vectors is one
 # chunk (16 MiB); bigger bags read as a few large chunks.
 _CHUNK_BYTES = 16 * 2**20
@@ -100,7 +100,6 @@ def write_embedding(store: Store, path: str, data: np.ndarray, attrs: dict) -> N
 
 
 __all__ = [
-    "EMBEDDINGS",
     "embedding_attrs",
     "embedding_count",
     "embedding_inputs",

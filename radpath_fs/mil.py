@@ -39,6 +39,7 @@ from torch import nn
 from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.folds import fold_cases
+from radpath_fs.layout import EMBEDDINGS, TILES, model_dir, model_weights_path
 from radpath_fs.metrics import balanced_accuracy
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, mag_key
@@ -296,7 +297,7 @@ class TileBags:
         self.counts = [tile_count(store, c, magnification) for c in self.case_ids]
         sizes = {int(tile_group_attrs(store, c, magnification)["tile_size"]) for c in self.case_ids}
         if len(sizes) > 1:
-            raise StoreError(f"{store.path('tiles.zarr')}: tiles of several sizes {sorted(sizes)} at "
+            raise StoreError(f"{store.path(TILES)}: tiles of several sizes {sorted(sizes)} at "
                              f"magnification {mag_key(magnification)}; re-tile with one tile_size")
         self.tile_size = sizes.pop() if sizes else 0
 
@@ -468,9 +469,9 @@ def _embedding_available(store: Store, embedder_id: str, magnification: float) -
     def ok(case_id: str) -> bool:
         if embedding_is_complete(store, embedder_id, case_id, magnification):
             return embedding_count(store, embedder_id, case_id, magnification) > 0
-        if store.group_is_complete("tiles.zarr", f"{case_id}/{mag_key(magnification)}"):
+        if store.group_is_complete(TILES, f"{case_id}/{mag_key(magnification)}"):
             raise StoreError(
-                f"{store.path('embeddings.zarr', embedder_id, case_id, mag_key(magnification))}: no complete "
+                f"{store.path(EMBEDDINGS, embedder_id, case_id, mag_key(magnification))}: no complete "
                 f"embeddings for a tiled case; run `radpath embed` first"
             )
         return False
@@ -482,7 +483,7 @@ def _tiles_available(store: Store, magnification: float) -> Callable[[str], bool
     from radpath_fs.tilestore import tile_count
 
     def ok(case_id: str) -> bool:
-        if not store.group_is_complete("tiles.zarr", f"{case_id}/{mag_key(magnification)}"):
+        if not store.group_is_complete(TILES, f"{case_id}/{mag_key(magnification)}"):
             return False
         return tile_count(store, case_id, magnification) > 0
 
@@ -782,7 +783,7 @@ def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[M
     """Rebuild a slide model from `models/<id>/` (architecture from config.json, weights from safetensors)."""
     state, config = load_checkpoint(store, model_id)
     if config.get("modality") != "wsi":
-        raise RadpathError(f"{store.path('models', model_id)}: not a slide model (modality {config.get('modality')!r})")
+        raise RadpathError(f"{store.path(model_dir(model_id))}: not a slide model (modality {config.get('modality')!r})")
     if config["mode"] == "head":
         embedder: nn.Module = nn.Identity()
     else:
@@ -794,6 +795,6 @@ def load_wsi_model(store: Store, model_id: str, device: torch.device) -> tuple[M
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise StoreError(f"{store.path('models', model_id, 'model.safetensors')}: weights do not fit the "
+        raise StoreError(f"{store.path(model_weights_path(model_id))}: weights do not fit the "
                          f"architecture in config.json ({str(e).splitlines()[0]})") from None
     return Runtime(device, spatial_dims=2).prepare(model).eval(), config

@@ -22,16 +22,14 @@ import numpy as np
 from radpath_fs.config import EmbedConfig
 from radpath_fs.embedders import create_embedder, embedder_id
 from radpath_fs.errors import StoreError
+from radpath_fs.layout import MOMENTS_JSON, NORMALIZATION_JSON, TILES, calibration_path
 from radpath_fs.progress import info
 from radpath_fs.store import Store, mag_key
-from radpath_fs.tilestore import TILES, TileReader, tile_group_attrs, tile_group_path
+from radpath_fs.tilestore import TileReader, tile_group_attrs, tile_group_path
 from radpath_fs.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
-MOMENTS_JSON = "stats/tile_moments.json"
-NORMALIZATION_JSON = "stats/tile_normalization.json"
-# stats/embedders/<embedder_id>.safetensors: a random embedder's state dict with batch-norm
-# statistics estimated from the store's tiles; its safetensors metadata key says what from.
-CALIBRATION_DIR = "stats/embedders"
+# A random embedder's calibrated state dict (`layout.calibration_path`) holds batch-norm statistics
+# estimated from the store's tiles; its safetensors metadata key says what from.
 CALIBRATION_META = "calibration"
 
 
@@ -254,7 +252,7 @@ def calibrate_batch_norm(model, batches) -> int:
 
 def calibration_rel(cfg: EmbedConfig) -> str:
     """Where the store keeps embedder `cfg`'s calibrated state dict."""
-    return f"{CALIBRATION_DIR}/{embedder_id(cfg)}.safetensors"
+    return calibration_path(embedder_id(cfg))
 
 
 def _calibration_sample(store: Store, cfg: EmbedConfig, mag_keys: list[str]):

@@ -15,11 +15,20 @@ from pathlib import Path
 import numpy as np
 
 from radpath_fs.config import PipelineConfig
+from radpath_fs.layout import (
+    CASES_TABLE,
+    ENSEMBLES_TABLE,
+    FUSE_MARKER,
+    PREDICTIONS,
+    REPORT_DIR,
+    REPORT_INDEX,
+    REPORT_MARKER,
+    SYNTH_MARKER,
+    TABLE_SUFFIX,
+    TABLES,
+)
 from radpath_fs.progress import console, each_warning_once, info
 
-SYNTH_MARKER = ".radpath-synth.json"
-FUSE_MARKER = "stats/fuse_inputs.json"
-REPORT_MARKER = "stats/report_inputs.json"
 # Training steps ask the trainers, which compare the snapshots' recorded training fingerprint
 # (config and case lists) with the current one: a changed setting retrains, and its predictions follow.
 UP_TO_DATE = "snapshots are up to date"
@@ -87,7 +96,7 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
 
     def has_cases() -> bool:
         try:
-            return Store(store_url).has_table("cases")
+            return Store(store_url).has_table(CASES_TABLE)
         except Exception:
             return False
 
@@ -100,7 +109,7 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
     st = Store(store_url)
     cases = st.cases()
     if not cases["label"].notna().any():
-        raise RadpathError(f"{st.path('tables/cases.parquet')}: no labelled case; the pipeline trains and scores on "
+        raise RadpathError(f"{st.path(st.table_rel(CASES_TABLE))}: no labelled case; the pipeline trains and scores on "
                            "labels (data.labels names the CSV; `radpath embed` embeds an unlabelled batch)")
     folds = cfg.wsi.folds if cfg.wsi.folds is not None else sorted(int(f) for f in cases["fold"].unique() if f >= 0)
 
@@ -153,27 +162,27 @@ def _run_steps(cfg: PipelineConfig, store: str | None, scheduler: str | None, de
 
     from radpath_fs.fusion.cli import fuse_store
 
-    fuse_inputs = {"predictions": _fingerprint(st, "tables/predictions"), "fusion": cfg.fusion.model_dump(mode="json")}
+    fuse_inputs = {"predictions": _fingerprint(st, f"{TABLES}/{PREDICTIONS}"), "fusion": cfg.fusion.model_dump(mode="json")}
 
     def fuse() -> None:
         fuse_store(store_url, cfg.fusion, ablations=cfg.fusion.ablations)
         st.write_json(FUSE_MARKER, fuse_inputs)
 
-    fused = st.exists(FUSE_MARKER) and st.read_json(FUSE_MARKER) == fuse_inputs and st.has_table("ensembles")
+    fused = st.exists(FUSE_MARKER) and st.read_json(FUSE_MARKER) == fuse_inputs and st.has_table(ENSEMBLES_TABLE)
     _step("fuse", "ensembles are up to date" if fused else None, fuse, timings)
 
     from radpath_fs.report import write_report
 
-    report = Path(cfg.report.out) if cfg.report.out else Path(st.local_path("report"))
-    report_inputs = {"tables": _fingerprint(st, "tables"), "config": cfg.model_dump(mode="json")}
+    report = Path(cfg.report.out) if cfg.report.out else Path(st.local_path(REPORT_DIR))
+    report_inputs = {"tables": _fingerprint(st, TABLES), "config": cfg.model_dump(mode="json")}
 
     def write() -> None:
         write_report(store_url, out=report, config=cfg)
         st.write_json(REPORT_MARKER, report_inputs)
 
-    current = (report / "index.html").exists() and st.exists(REPORT_MARKER) and st.read_json(REPORT_MARKER) == report_inputs
+    current = (report / REPORT_INDEX).exists() and st.exists(REPORT_MARKER) and st.read_json(REPORT_MARKER) == report_inputs
     _step("report", "report is up to date" if current else None, write, timings)
-    summary(st, report / "index.html", timings)
+    summary(st, report / REPORT_INDEX, timings)
     return timings
 
 
@@ -200,7 +209,7 @@ def _fingerprint(store, rel: str) -> dict[str, list]:
     out = {}
     for path, meta in sorted(store.fs.find(folder, detail=True).items()):
         name = path[len(folder) + 1:]
-        if name.endswith(".parquet") and not name.rsplit("/", 1)[-1].startswith("."):
+        if name.endswith(TABLE_SUFFIX) and not name.rsplit("/", 1)[-1].startswith("."):
             out[name] = [int(meta.get("size", 0)), str(meta.get("mtime", meta.get("LastModified", "")))]
     return out
 
@@ -217,7 +226,7 @@ def summary(store, report_path: Path, timings: dict[str, float] | None = None) -
     for col in ("model / ensemble", "members", "balanced acc.", "kappa", "F1 micro", "nested bal. acc. [95% CI]",
                 "nested kappa", "nested F1 micro"):
         table.add_column(col)
-    if store.list_tables("predictions"):
+    if store.list_tables(PREDICTIONS):
         from radpath_fs.fusion.io import load_fusion_data
         from radpath_fs.metrics import score
 
@@ -226,10 +235,10 @@ def summary(store, report_path: Path, timings: dict[str, float] | None = None) -
             ok = ~np.isnan(data.oof.P[:, m, 0])
             s = score(data.oof.y[ok], data.oof.P[ok, m].argmax(1), n_boot=0)
             table.add_row(member.name, str(len(member.model_ids)), *(f"{s.values[k]:.3f}" for k in nested))
-    if store.has_table("ensembles"):
+    if store.has_table(ENSEMBLES_TABLE):
         from radpath_fs.fusion.cli import primary_id
 
-        ens = store.read_table("ensembles")
+        ens = store.read_table(ENSEMBLES_TABLE)
         primary = primary_id(ens)
         for r in ens.to_dict("records"):
             fits = bool(r["fits_on_oof"])

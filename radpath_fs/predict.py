@@ -1,4 +1,4 @@
-"""`radpath predict`: a model's prediction table for each split, in the DESIGN.md schema.
+"""`radpath predict`: a model's prediction table for each split, in the schema of store/README.md.
 
 Slide models follow the paper's inference protocol: per slide, `predict.tiles_per_slide` random
 tiles (all of them when there are fewer), augmented tile by tile with the training augmentation
@@ -24,9 +24,10 @@ import pandas as pd
 from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.folds import HAS, default_splits, split_cases
-from radpath_fs.predictions import SPLITS, prediction_table, softmax, table_name, write_predictions
+from radpath_fs.layout import EMBEDDINGS, MODELS, TILES, model_config_path, prediction_table_name
+from radpath_fs.predictions import SPLITS, prediction_table, softmax, write_predictions
 from radpath_fs.progress import info, progress_bar, warn
-from radpath_fs.store import Store, check_name, mag_key
+from radpath_fs.store import Store, mag_key
 
 
 def _as_store(store: Store | str) -> Store:
@@ -34,7 +35,7 @@ def _as_store(store: Store | str) -> Store:
 
 
 def model_config(store: Store, model_id: str) -> dict:
-    rel = f"models/{check_name(model_id, 'model id')}/config.json"
+    rel = model_config_path(model_id)
     if not store.exists(rel):
         raise RadpathError(f"{store.path(rel)}: no such model (is the id right? see `radpath query`)")
     return store.read_json(rel)
@@ -43,20 +44,20 @@ def model_config(store: Store, model_id: str) -> dict:
 def pending_predictions(store: Store | str) -> list[str]:
     """Model snapshots (models/<id>/config.json with a snapshot) missing a default split's table."""
     store = _as_store(store)
-    folder = store.path("models")
+    folder = store.path(MODELS)
     if not store.fs.exists(folder):
         return []
     cases = store.cases()
     todo = []
     for path in sorted(store.fs.ls(folder, detail=False)):
         model_id = path.rstrip("/").rsplit("/", 1)[1]
-        if not store.exists(f"models/{model_id}/config.json"):
-            continue  # a snapshot being written (or left so by a killed run): its training writes it again
-        config = store.read_json(f"models/{model_id}/config.json")
+        if not store.exists(model_config_path(model_id)):
+            continue  # a snapshot being written: its config.json comes last
+        config = store.read_json(model_config_path(model_id))
         if "snapshot" not in config or config.get("modality") not in HAS:
             continue
         splits = default_splits(cases, int(config.get("fold", -1)), config["modality"])
-        if any(not store.has_table(table_name(model_id, s)) for s in splits):
+        if any(not store.has_table(prediction_table_name(model_id, s)) for s in splits):
             todo.append(model_id)
     return todo
 
@@ -72,7 +73,7 @@ def predict_models(store_url: Store | str, cfg, model_ids: list[str], splits: li
     configs = {m: model_config(store, m) for m in model_ids}  # every id checked before any work
     for model_id, config in configs.items():
         if config.get("modality") not in HAS:
-            raise RadpathError(f"{store.path('models', model_id, 'config.json')}: unknown modality "
+            raise RadpathError(f"{store.path(model_config_path(model_id))}: unknown modality "
                                f"{config.get('modality')!r}")
     with store.lock("predict"):
         for model_id, config in configs.items():
@@ -130,7 +131,7 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
 
     mag = float(config["magnification"])
     if config["mode"] == "head":
-        from radpath_fs.embeddings import EMBEDDINGS, embedding_is_complete
+        from radpath_fs.embeddings import embedding_is_complete
 
         eid = config["embedder"]["id"]
         ok = [c for c in case_ids if embedding_is_complete(store, eid, c, mag)]
@@ -148,8 +149,6 @@ def _bag_source(store: Store, config: dict, case_ids: list[str]):
                 "estimates them again when the training tiles change); retrain it with `radpath train-wsi`"
             )
     else:
-        from radpath_fs.tilestore import TILES
-
         ok = [c for c in case_ids if store.group_is_complete(TILES, f"{c}/{mag_key(mag)}")]
         source = TileBags(store, ok, mag)
     return source, [c for c in case_ids if c not in set(ok)]
@@ -241,4 +240,4 @@ def wsi_section(config: dict):
     """The training settings (WSITrainConfig) a slide model's config.json records."""
     from radpath_fs.config import WSITrainConfig, validate_stored
 
-    return validate_stored(WSITrainConfig, config["wsi"], f"models/{config['model_id']}/config.json: wsi")
+    return validate_stored(WSITrainConfig, config["wsi"], f"{model_config_path(config['model_id'])}: wsi")

@@ -1,6 +1,7 @@
-"""The prediction table, the analysts' contract (DESIGN.md). No torch here: fusion reads these.
+"""The prediction table, the analysts' contract (store/README.md). No torch here: fusion reads these.
 
-One Parquet file per (model, split) write: `tables/predictions/<model_id>--<split>.parquet`.
+One Parquet file per (model, split) write, the table `layout.prediction_table_name(model_id, split)`:
+`tables/predictions/<model_id>--<split>.parquet`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 
 from radpath_fs import CLASSES
+from radpath_fs.layout import prediction_table_name
 
 SPLITS = ("oof", "val", "test", "train")
 
@@ -84,14 +86,10 @@ def prediction_table(
     return table
 
 
-def table_name(model_id: str, split: str) -> str:
-    return f"predictions/{model_id}--{split}"
-
-
 def write_predictions(store, table: pa.Table) -> str:
     """Write one (model, split) table to the store, replacing an earlier write of the same pair."""
     model_ids = set(table.column("model_id").to_pylist())
     splits = set(table.column("split").to_pylist())
     if len(model_ids) != 1 or len(splits) != 1:
         raise ValueError("a prediction file holds exactly one (model, split)")
-    return store.write_table(table_name(model_ids.pop(), splits.pop()), table)
+    return store.write_table(prediction_table_name(model_ids.pop(), splits.pop()), table)

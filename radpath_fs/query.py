@@ -20,6 +20,7 @@ import weakref
 from pathlib import Path
 
 from radpath_fs.errors import RadpathError
+from radpath_fs.layout import PREDICTIONS, TABLE_SUFFIX, TABLES
 from radpath_fs.predictions import SCHEMA
 from radpath_fs.store import Store
 
@@ -77,22 +78,22 @@ class _Pinned:
 def _view_sql(store: Store, pinned: _Pinned) -> dict[str, str]:
     """View name -> its SELECT, for every table in the store."""
     views: dict[str, str] = {}
-    tables = store.path("tables")
+    tables = store.path(TABLES)
     if store.fs.exists(tables):
         for p in sorted(store.fs.ls(tables, detail=False)):
             name = p.rsplit("/", 1)[1]
-            if name.endswith(".parquet") and not name.startswith("."):
-                views[name[: -len(".parquet")]] = f"SELECT * FROM read_parquet({_sql_string(pinned.path(p))})"
-    files = [store.path(store.table_rel(n)) for n in store.list_tables("predictions")]
+            if name.endswith(TABLE_SUFFIX) and not name.startswith("."):
+                views[name.removesuffix(TABLE_SUFFIX)] = f"SELECT * FROM read_parquet({_sql_string(pinned.path(p))})"
+    files = [store.path(store.table_rel(n)) for n in store.list_tables(PREDICTIONS)]
     if files:
         listed = ", ".join(_sql_string(pinned.path(f)) for f in files)
-        views["predictions"] = (
+        views[PREDICTIONS] = (
             f"SELECT * REPLACE ({pinned.filename_sql()} AS filename) "
             f"FROM read_parquet([{listed}], union_by_name = true, filename = true)"
         )
     else:  # an empty view with the contract's columns, so queries on a fresh store still parse
         cols = ", ".join(f"CAST(NULL AS {_DUCKDB_TYPES[str(f.type)]}) AS {_ident(f.name)}" for f in SCHEMA)
-        views["predictions"] = f"SELECT {cols}, CAST(NULL AS VARCHAR) AS filename WHERE false"
+        views[PREDICTIONS] = f"SELECT {cols}, CAST(NULL AS VARCHAR) AS filename WHERE false"
     return views
 
 

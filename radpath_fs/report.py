@@ -17,6 +17,15 @@ import numpy as np
 import pandas as pd
 
 from radpath_fs import CLASSES
+from radpath_fs.layout import (
+    ENSEMBLE_PREDICTIONS_TABLE,
+    ENSEMBLES_TABLE,
+    PREDICTIONS,
+    REPORT_DIR,
+    REPORT_INDEX,
+    TILES_TABLE,
+    prediction_table_name,
+)
 from radpath_fs.progress import info, warn
 from radpath_fs.store import Store
 
@@ -135,7 +144,7 @@ def cohort_section(store: Store) -> str:
 def tiles_section(store: Store) -> str:
     from radpath_fs.wsi import plot_tile_counts
 
-    tiles = store.read_table("tiles")
+    tiles = store.read_table(TILES_TABLE)
     summary = tiles.groupby("magnification").agg(tiles=("tile_index", "size"), slides=("case_id", "nunique"))
     summary["tiles per slide"] = (summary["tiles"] / summary["slides"]).round(1)
     return "\n".join([
@@ -232,8 +241,8 @@ def cases_section(store: Store, data, n_cases: int) -> str:
     member = _best_wsi_member(data)
     if member is None or n_cases == 0:
         return ""
-    preds = pd.concat([store.read_table(f"predictions/{mid}--oof") for mid in member.model_ids
-                       if store.has_table(f"predictions/{mid}--oof")])
+    names = [prediction_table_name(mid, "oof") for mid in member.model_ids]
+    preds = pd.concat([store.read_table(n) for n in names if store.has_table(n)])
     cases = store.cases().set_index("case_id")
     chosen = []
     for c in CLASSES:  # one case of each true class, the most confident first
@@ -302,25 +311,25 @@ def write_report(store_url: str, out: Path | None = None, config=None) -> Path:
 
     cfg = config or PipelineConfig()
     store = Store(store_url)
-    out = Path(out) if out is not None else Path(store.local_path("report"))
-    if store.is_local and out == Path(store.local_path("report")):
-        store.check_no_links("report/index.html")
+    out = Path(out) if out is not None else Path(store.local_path(REPORT_DIR))
+    if store.is_local and out == Path(store.local_path(REPORT_DIR)):
+        store.check_no_links(f"{REPORT_DIR}/{REPORT_INDEX}")
     sections = [cohort_section(store)]
-    if store.has_table("tiles"):
+    if store.has_table(TILES_TABLE):
         sections.append(tiles_section(store))
-    if store.list_tables("predictions"):
+    if store.list_tables(PREDICTIONS):
         from radpath_fs.fusion.io import load_fusion_data
 
         data = load_fusion_data(store)
         sections.append(models_section(data))
-        if store.has_table("ensembles"):
-            ens = store.read_table("ensembles")
+        if store.has_table(ENSEMBLES_TABLE):
+            ens = store.read_table(ENSEMBLES_TABLE)
             sections.append(ensembles_section(ens))
             from radpath_fs.fusion.cli import primary_id
 
             primary = ens[ens["id"] == primary_id(ens)].to_dict("records")
-            if primary and store.has_table("ensemble_predictions"):
-                sections.append(figures_section(store.read_table("ensemble_predictions"), primary[0]))
+            if primary and store.has_table(ENSEMBLE_PREDICTIONS_TABLE):
+                sections.append(figures_section(store.read_table(ENSEMBLE_PREDICTIONS_TABLE), primary[0]))
         try:
             sections.append(cases_section(store, data, cfg.report.cases_shown))
         except Exception as e:  # the heatmaps are illustrations: a failure must not cost the report
@@ -328,8 +337,8 @@ def write_report(store_url: str, out: Path | None = None, config=None) -> Path:
     page = PAGE.format(title=html.escape(cfg.name), store=html.escape(store.url),
                        when=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), body="\n".join(s for s in sections if s))
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "index.html"
-    tmp = out / ".index.html.tmp"
+    path = out / REPORT_INDEX
+    tmp = out / f".{REPORT_INDEX}.tmp"
     tmp.write_text(page)
     tmp.replace(path)
     info(f"report: {path}")

@@ -1,6 +1,6 @@
 """The feature store: one folder (or fsspec URL) holding tables (Parquet) and arrays (Zarr v3).
 
-Layout (DESIGN.md): store.json, tables/*.parquet, tiles.zarr, embeddings.zarr, mri.zarr, models/.
+Its layout (every path, table and version) is store/README.md, spelled in code by `radpath_fs.layout`.
 Two rules keep reruns safe:
 - a Zarr group is written by one task and marked complete last (`mark_complete`); a rerun skips
   complete groups and rewrites incomplete ones from scratch (`fresh_group`);
@@ -28,24 +28,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from radpath_fs.errors import StoreError, StoreLockedError
-
-LAYOUT_VERSION = 1
-LOCK_NAME = ".radpath.lock"
-TMP_PREFIX = ".tmp-"
-COMPLETE = "complete"
-
-# Case ids, model ids and embedder ids become path components: keep them boring.
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """Return `name` if it is safe as one path component (no separators, no '..', no leading dot)."""
-    if not isinstance(name, str) or not _SAFE.match(name) or ".." in name:
-        raise StoreError(
-            f"{what} {name!r} is not safe as a path component "
-            "(letters, digits, '.', '_' and '-' only, not starting with '.', no '..')"
-        )
-    return name
+from radpath_fs.layout import (
+    CASES_TABLE,
+    COMPLETE,
+    LAYOUT_VERSION,
+    LOCK_NAME,
+    STORE_JSON,
+    TABLE_SUFFIX,
+    TABLES,
+    TMP_PREFIX,
+    check_name,
+    table_path,
+)
 
 
 def _inside(parts: tuple[str, ...]) -> tuple[str, ...]:
@@ -69,21 +63,21 @@ class Store:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
         self.is_local = "file" in _protocols(self.fs)
-        meta = self.path("store.json")
+        meta = self.path(STORE_JSON)
         if self.fs.exists(meta):
-            info = json.loads(self.fs.cat_file(meta))
-            if info.get("layout_version") != LAYOUT_VERSION:
+            found = json.loads(self.fs.cat_file(meta)).get("layout_version")
+            if found != LAYOUT_VERSION:
                 raise StoreError(
-                    f"{meta}: layout version {info.get('layout_version')!r}, this radpath_fs reads "
-                    f"version {LAYOUT_VERSION}"
+                    f"store {self.url} has layout {found!r}; this radpath_fs writes layout {LAYOUT_VERSION}: "
+                    "rebuild it (delete the store and run the pipeline again)"
                 )
         elif self.fs.isfile(self.root):
             raise StoreError(f"{self.url}: is a file, not a folder; a store is a folder (a new or an existing store)")
         elif create:
             self.fs.makedirs(self.root, exist_ok=True)
-            self.write_json("store.json", {"layout_version": LAYOUT_VERSION, "created": _now()})
+            self.write_json(STORE_JSON, {"layout_version": LAYOUT_VERSION, "created": _now()})
         else:
-            raise StoreError(f"{self.url}: not a radpath store (no store.json); run `radpath ingest` first")
+            raise StoreError(f"{self.url}: not a radpath store (no {STORE_JSON}); run `radpath ingest` first")
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -143,13 +137,10 @@ class Store:
     # ---- tables --------------------------------------------------------------------------------
     @staticmethod
     def table_rel(name: str) -> str:
-        parts = name.split("/")
-        for p in parts:
-            check_name(p, "table name")
-        return "tables/" + "/".join(parts) + ".parquet"
+        return table_path(name)
 
     def write_table(self, name: str, table: pa.Table | pd.DataFrame) -> str:
-        """Write `tables/<name>.parquet` atomically and return its path."""
+        """Write the table `name` (`tables/<name>.parquet`) atomically and return its path."""
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
         buf = io.BytesIO()
@@ -170,19 +161,19 @@ class Store:
 
     def list_tables(self, prefix: str) -> list[str]:
         """Names of the tables under `tables/<prefix>/`, sorted, temporaries left out."""
-        folder = self.path("tables", prefix)
+        folder = self.path(TABLES, prefix)
         if not self.fs.exists(folder):
             return []
         names = [p.rsplit("/", 1)[1] for p in self.fs.ls(folder, detail=False)]
         return sorted(
-            f"{prefix}/{n[: -len('.parquet')]}"
+            f"{prefix}/{n.removesuffix(TABLE_SUFFIX)}"
             for n in names
-            if n.endswith(".parquet") and not n.startswith(TMP_PREFIX)
+            if n.endswith(TABLE_SUFFIX) and not n.startswith(TMP_PREFIX)
         )
 
     def cases(self, include_excluded: bool = False) -> pd.DataFrame:
         """The cases table; excluded cases (bad input recorded by --skip-errors) left out by default."""
-        df = self.read_table("cases")
+        df = self.read_table(CASES_TABLE)
         if not include_excluded:
             df = df[~df["excluded"]].reset_index(drop=True)
         return df

@@ -1,6 +1,6 @@
 """A synthetic CPM-RadPath cohort: H&E-like slides, four-modality MRI and a labels CSV.
 
-The output has the layout of the real challenge data (DESIGN.md, "Input layout"), so every later
+The output has the layout of the real challenge data (`radpath_fs.cohort`), so every later
 step runs on it unchanged:
 
     OUT/Pathology/<ID>.tiff                           tiled JPEG TIFF, µm/px in its resolution tags

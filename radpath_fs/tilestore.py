@@ -27,14 +27,14 @@ from zarr.core.buffer import Buffer, NDBuffer
 from zarr.registry import register_codec
 
 from radpath_fs.errors import StoreError
-from radpath_fs.store import COMPLETE, Store, check_name, mag_key
+from radpath_fs.layout import COMPLETE, TILES
+from radpath_fs.store import Store, check_name, mag_key
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
 
     from radpath_fs.config import TileConfig
 
-TILES = "tiles.zarr"
 JPEG_CODEC_NAME = "radpath.jpeg"
 
 

@@ -1,7 +1,7 @@
 """The training skeleton both stage-two trainers (slides: `mil`, MRI: `mri.train`) run on, and
 what else they share: devices and precision, seeds, class weights, snapshots, history.
 
-A training run and the models it makes are apart in the store:
+A training run and the models it makes are apart in the store (`radpath_fs.layout`):
     runs/<run_id>/history.parquet       per-epoch records
     runs/<run_id>/state.safetensors     the resumable state after the last finished epoch: `model/`
                                         and `optim/` tensors; epoch, history, fingerprint and the
@@ -31,28 +31,16 @@ import pandas as pd
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import InputError, RadpathError
+from radpath_fs.layout import (
+    PREDICTIONS,
+    history_path,
+    model_config_path,
+    model_dir,
+    model_weights_path,
+    parse_prediction_table_name,
+    state_path,
+)
 from radpath_fs.progress import info, progress_bar, warn
-from radpath_fs.store import check_name
-
-# -> layout.py
-RUNS = "runs"
-MODELS = "models"
-
-
-def run_dir(run_id: str) -> str:  # -> layout.py
-    return f"{RUNS}/{check_name(run_id, 'run id')}"
-
-
-def model_dir(model_id: str) -> str:  # -> layout.py
-    return f"{MODELS}/{check_name(model_id, 'model id')}"
-
-
-def history_path(run_id: str) -> str:  # -> layout.py
-    return f"{run_dir(run_id)}/history.parquet"
-
-
-def state_path(run_id: str) -> str:
-    return f"{run_dir(run_id)}/state.safetensors"
 
 
 def resolve_device(spec: str = "auto"):
@@ -246,14 +234,13 @@ def save_checkpoint(store, model_id: str, state_dict: dict, config: dict, finger
     """
     from safetensors.torch import save
 
-    folder = model_dir(model_id)
-    _remove(store, f"{folder}/config.json")
-    for name in store.list_tables("predictions"):
-        if name.removeprefix("predictions/").rsplit("--", 1)[0] == model_id:
+    _remove(store, model_config_path(model_id))
+    for name in store.list_tables(PREDICTIONS):
+        if parse_prediction_table_name(name)[0] == model_id:
             _remove(store, store.table_rel(name))
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    store.write_bytes(f"{folder}/model.safetensors", save(tensors))
-    store.write_json(f"{folder}/config.json", {"model_id": model_id, **config, FINGERPRINT: fingerprint})
+    store.write_bytes(model_weights_path(model_id), save(tensors))
+    store.write_json(model_config_path(model_id), {"model_id": model_id, **config, FINGERPRINT: fingerprint})
 
 
 def _remove(store, rel: str) -> None:
@@ -264,10 +251,11 @@ def _remove(store, rel: str) -> None:
 
 def stale_snapshots(store, model_ids: list[str], fingerprint: str, expect: dict | None = None) -> dict[str, str]:
     """Model id -> why it must be trained (again), for the snapshots that are not of the run
-    `fingerprint` identifies, or whose config.json differs from `expect`; reads only config.json."""
+    `fingerprint` identifies, or whose config.json differs from `expect`; reads only config.json.
+    """
     stale = {}
     for model_id in model_ids:
-        rel = f"{model_dir(model_id)}/config.json"
+        rel = model_config_path(model_id)
         if not store.exists(rel):
             stale[model_id] = "missing"
             continue
@@ -282,12 +270,11 @@ def stale_snapshots(store, model_ids: list[str], fingerprint: str, expect: dict 
 
 def load_checkpoint(store, model_id: str) -> tuple[dict, dict]:
     """Return (state_dict, config). Only safetensors is read; a pickle is refused."""
-    folder = model_dir(model_id)
-    if not store.exists(f"{folder}/config.json"):
-        raise RadpathError(f"{store.path(folder)}: no such model (is the id right? see `radpath query`)")
-    config = store.read_json(f"{folder}/config.json")
-    data = store.fs.cat_file(store.path(f"{folder}/model.safetensors"))
-    return load_safetensors_bytes(data, store.path(f"{folder}/model.safetensors")), config
+    if not store.exists(model_config_path(model_id)):
+        raise RadpathError(f"{store.path(model_dir(model_id))}: no such model (is the id right? see `radpath query`)")
+    config = store.read_json(model_config_path(model_id))
+    weights = store.path(model_weights_path(model_id))
+    return load_safetensors_bytes(store.fs.cat_file(weights), weights), config
 
 
 def load_safetensors_bytes(data: bytes, source: str) -> dict:

@@ -18,7 +18,7 @@ For each case with a slide (`radpath tile`):
 
 One Dask task per slide (`map_tasks`), all magnifications from one open; results are the same
 under every scheduler. `tables/tiles.parquet` is rebuilt from the complete groups by the client
-once every task is done (one writer), and `reports/tile_counts.png` is the paper's Fig. 4.
+once every task is done (one writer), and `report/tile_counts.png` is the paper's Fig. 4.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import pandas as pd
 
 from radpath_fs.config import TileConfig, mag_to_mpp
 from radpath_fs.errors import InputError, RadpathError
+from radpath_fs.layout import TILE_COUNTS_PNG, TILE_ERRORS_TABLE, TILES, TILES_TABLE
 from radpath_fs.progress import info, warn
 from radpath_fs.scheduler import map_tasks
 from radpath_fs.store import Store, mag_key
 from radpath_fs.tilestore import (  # noqa: F401  (re-exported: the public tile API lives here)
-    TILES,
     JpegCodec,
     TileGroupWriter,
     read_coords,
@@ -59,9 +59,6 @@ from radpath_fs.tilestore import (  # noqa: F401  (re-exported: the public tile 
 if TYPE_CHECKING:
     import pyvips
 
-TILES_TABLE = "tiles"
-ERRORS_TABLE = "tile_errors"
-TILE_COUNTS_PNG = "reports/tile_counts.png"
 # Threads per slide that compress tiles (zstd and libjpeg release the GIL) while the slide is read.
 # Compressing is the largest cost after decoding, so one thread would be the bottleneck on a
 # machine with cores to spare. Env RADPATH_TILE_WRITER_THREADS overrides.
@@ -671,10 +668,10 @@ def tile_store(
         if not done and not errors and store.has_table(TILES_TABLE):
             # Every slide was complete: the tables already say so, and rewriting them would make
             # every downstream step think its inputs changed.
-            info(f"all {len(results)} slide(s) already tiled; {store.path('tables', TILES_TABLE + '.parquet')}")
+            info(f"all {len(results)} slide(s) already tiled; {store.path(store.table_rel(TILES_TABLE))}")
             return results
         store.write_table(
-            ERRORS_TABLE,
+            TILE_ERRORS_TABLE,
             pd.DataFrame(
                 {
                     "case_id": pd.Series([r["case_id"] for r in errors], dtype="string"),
@@ -692,7 +689,7 @@ def tile_store(
         store.write_table(TILES_TABLE, table)
     info(
         f"tiled {done} slide(s), {sum(r['status'] == 'complete' for r in results)} already complete, "
-        f"{len(errors)} failed; {len(table)} tiles in {store.path('tables', TILES_TABLE + '.parquet')}"
+        f"{len(errors)} failed; {len(table)} tiles in {store.path(store.table_rel(TILES_TABLE))}"
     )
     return results
 

@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 from radpath_fs.cli import app, user_errors, with_options
 from radpath_fs.cohort import ingest
 from radpath_fs.config import IngestConfig, PredictConfig, TileConfig, load_config
+from radpath_fs.layout import LOCK_NAME, MRI_ZARR, TILES, model_config_path, prediction_table_name
 from radpath_fs.predictions import write_predictions
-from radpath_fs.store import LOCK_NAME, Store
+from radpath_fs.store import Store
 from radpath_fs.wsi import tile_store
 
 TILE_YAML = "tile:\n  tile_size: 128\n  magnifications: [20, 10]\n"
@@ -297,7 +298,7 @@ def test_only_a_commands_own_options_are_blamed_on_its_options(capsys):
         assert err.startswith(message) and err.count("error:") == 1, err
 
 
-# DESIGN.md's command line: every command takes --store; those that compute also take --scheduler
+# The command line (README.md): every command takes --store; those that compute also take --scheduler
 # and --device. Each row: the command with its other required arguments ({tmp}: a scratch folder),
 # whether it computes, and the error it reaches once its options are parsed (nothing is there).
 CONTRACT = {
@@ -346,7 +347,7 @@ def test_tile_skip_errors_lists_the_failures(base, tmp_path):
     assert errors.loc[broken, "slide_path"] == str(ctx.slide(broken))
     # The 8 good slides are in the tiles table; the failed ones have no tiles anywhere.
     assert set(st.read_table("tiles")["case_id"]) == set(st.cases()["case_id"]) - {blank, broken}
-    assert not (ctx.store / "tiles.zarr" / blank).exists() and not (ctx.store / "tiles.zarr" / broken).exists()
+    assert not (ctx.store / TILES / blank).exists() and not (ctx.store / TILES / broken).exists()
     assert "skipped:" in result.stderr and f"{blank}.tiff" in _flat(result.stderr)
 
 
@@ -372,16 +373,16 @@ def test_mri_skip_errors_lists_the_failures_and_trains_on_the_rest(base, tmp_pat
     errors = st.read_table("mri_errors")
     assert errors["case_id"].tolist() == [GOOD]
     assert errors["path"].tolist() == [str(ctx.volume("t1ce"))] and "NaN" in errors["error"].iloc[0]
-    assert not (ctx.store / "mri.zarr" / GOOD).exists()
+    assert not (ctx.store / MRI_ZARR / GOOD).exists()
     cases = st.cases()
     with_mri = set(cases.loc[cases["has_mri"], "case_id"]) - {GOOD}
-    assert {p.name for p in (ctx.store / "mri.zarr").iterdir() if p.is_dir()} == with_mri
-    config = st.read_json("models/mri-fold0-e0/config.json")
+    assert {p.name for p in (ctx.store / MRI_ZARR).iterdir() if p.is_dir()} == with_mri
+    config = st.read_json(model_config_path("mri-fold0-e0"))
     assert GOOD not in config["train_cases"] + config["heldout_cases"]
     # predict leaves the recorded case out, with a warning, instead of failing on it again
     result = invoke(["predict", "--store", str(ctx.store), "--model", "mri-fold0-e0", "--device", "cpu",
                      "--config", str(ctx.tmp / "mri.yaml")])
     assert result.exit_code == 0, result.output
     assert f"1 case(s) listed in {ctx.store}/tables/mri_errors.parquet get no row: {GOOD}" in _flat(result.stderr)
-    oof = st.read_table("predictions/mri-fold0-e0--oof")
+    oof = st.read_table(prediction_table_name("mri-fold0-e0", "oof"))
     assert GOOD not in set(oof["case_id"]) and len(oof) > 0

@@ -22,6 +22,7 @@ from radpath_fs.bundle.predict_case import predict_case
 from radpath_fs.cli import app
 from radpath_fs.config import load_config
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.layout import model_config_path, prediction_table_name
 from radpath_fs.normstats import normalization_stats
 from radpath_fs.pipeline import run_pipeline
 from radpath_fs.predict import PREDICT_METADATA, predict_settings
@@ -95,7 +96,7 @@ def _fused(store: Store, ensemble_id: str, case_id: str) -> dict:
 
 
 def _model_probs(store: Store, model_id: str, case_id: str) -> np.ndarray:
-    t = store.read_table(f"predictions/{model_id}--val")
+    t = store.read_table(prediction_table_name(model_id, "val"))
     return t.loc[t["case_id"] == case_id, [f"prob_{c}" for c in CLASSES]].to_numpy(np.float64)[0]
 
 
@@ -113,7 +114,7 @@ def test_bundle_holds_the_primary_ensemble(built):
             assert (bundle / "models" / mid / "model.safetensors").is_file()
     assert spec["predict"]["repeats"] == cfg.predict.repeats and spec["seed"] == cfg.seed
     # Which slide models pruning keeps depends on the training run; the bundle follows the members.
-    mags = {store.read_json(f"models/{mid}/config.json")["magnification"]
+    mags = {store.read_json(model_config_path(mid))["magnification"]
             for m in spec["members"] for mid in m["model_ids"] if mid.startswith("wsi-")}
     assert mags, "the primary ensemble has no slide model to check"
     # Every tiled magnification down to the coarsest member's: a level is reduced from the finer ones.
@@ -140,7 +141,7 @@ def test_bundle_holds_the_primary_ensemble(built):
                                    normalization_stats(store, cfg.embed, [m])[0], rtol=1e-6)
     for m in spec["members"]:  # the transform is the one the head models were trained on
         for mid in m["model_ids"]:
-            config = store.read_json(f"models/{mid}/config.json")
+            config = store.read_json(model_config_path(mid))
             if config.get("mode") == "head":
                 assert embedder["transform"][mag_key(config["magnification"])] == config["embedding_transform"]
 
@@ -321,9 +322,9 @@ def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp
 
     _, _, cfg, store, bundle = built
     mid = _slide_models(read_bundle(bundle))[0]
-    table = store.path(store.table_rel(f"predictions/{mid}--val"))
+    table = store.path(store.table_rel(prediction_table_name(mid, "val")))
     recorded = json.loads(pq.read_schema(table).metadata[PREDICT_METADATA])
-    assert recorded == predict_settings(cfg, store.read_json(f"models/{mid}/config.json"))
+    assert recorded == predict_settings(cfg, store.read_json(model_config_path(mid)))
     assert recorded == {"seed": 0, "repeats": 3, "tiles_per_slide": 8}  # head mode: no augmentation, no chunks
     assert pq.read_table(table).schema.names[:len(SCHEMA)] == SCHEMA.names  # the contract's columns as they were
 
@@ -354,7 +355,7 @@ def test_mri_models_of_older_preprocessing_are_refused(built, tmp_path, monkeypa
     assert {m["mri"]["preprocess_version"] for m in spec["members"]} == {PREPROCESS_VERSION}
     case = _case_folder(tmp_path / "case", _unlabelled(store)[0], "flat", slide=False)
     mid = spec["members"][0]["model_ids"][0]
-    rel = f"models/{mid}/config.json"
+    rel = model_config_path(mid)
     old = {**json.loads((bundle / rel).read_text()), "preprocess_version": 1}
     copy = _edited_copy(bundle, tmp_path / "old", files={rel: json.dumps(old).encode()})
     with pytest.raises(StoreError, match=r"preprocessing version 1,.*`radpath train-mri`, then export the bundle again"):
@@ -407,7 +408,7 @@ def test_members_whose_tables_disagree_are_an_error_naming_them(built, tmp_path)
     owner = {mid: m["name"] for m in spec["members"] if m["modality"] == "wsi" for mid in m["model_ids"]}
     first = min(owner)
     changed = min(mid for mid in owner if owner[mid] != owner[first])
-    path = copy.path(copy.table_rel(f"predictions/{changed}--val"))
+    path = copy.path(copy.table_rel(prediction_table_name(changed, "val")))
     table = pq.read_table(path)
     settings = json.loads(table.schema.metadata[PREDICT_METADATA]) | {"tiles_per_slide": 16}
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, PREDICT_METADATA: json.dumps(settings)}), path)

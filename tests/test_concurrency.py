@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 from radpath_fs.cli import app
 from radpath_fs.config import FusionConfig
 from radpath_fs.fusion.cli import fuse_store
+from radpath_fs.layout import LOCK_NAME, TMP_PREFIX
 from radpath_fs.query import query
-from radpath_fs.store import LOCK_NAME, Store
+from radpath_fs.store import Store
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "ensemble_ablations.ipynb"
 N_CASES = 40
@@ -199,7 +200,7 @@ def test_readers_see_whole_tables_while_a_writer_runs(store, tmp_path, monkeypat
         assert store.read_json(LOCK_NAME) == holder
     assert writer.versions >= 3
     assert not store.exists(LOCK_NAME)
-    assert not [p for p in store.fs.find(store.root) if p.rsplit("/", 1)[1].startswith(".tmp-")]
+    assert not [p for p in store.fs.find(store.root) if p.rsplit("/", 1)[1].startswith(TMP_PREFIX)]
 
 
 def test_the_check_catches_a_writer_that_writes_in_place(store, tmp_path):

@@ -25,6 +25,7 @@ from radpath_fs.embedders import (
 )
 from radpath_fs.embeddings import embedding_attrs, embedding_is_complete, read_embeddings
 from radpath_fs.errors import ConfigError, InputError, StoreError
+from radpath_fs.layout import EMBEDDINGS, NORMALIZATION_JSON, TILES
 from radpath_fs.normstats import calibration_hash, calibration_rel, store_embedder, tile_normalization
 from radpath_fs.store import Store
 from radpath_fs.tilestore import write_tile_group
@@ -167,7 +168,7 @@ def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
     store = make_store(tmp_path / "s")
     with pytest.raises(InputError, match="do not fit"):
         embed_store(store.url, EmbedConfig(name="resnet18", weights=path, input_size=48), device="cpu")
-    assert not store.exists("embeddings.zarr")
+    assert not store.exists(EMBEDDINGS)
 
 
 def test_weights_shape_mismatch_and_pickles_are_refused(tmp_path):
@@ -243,7 +244,7 @@ def test_hue_shift_matches_torchvision_per_tile():
 # ---- normalisation -----------------------------------------------------------------------------
 def _numpy_stats(store, cases, mags):
     px = np.concatenate(
-        [store.open_group("tiles.zarr", f"{c}/{m}")["pixels"][:].reshape(-1, 3) for c in cases for m in mags]
+        [store.open_group(TILES, f"{c}/{m}")["pixels"][:].reshape(-1, 3) for c in cases for m in mags]
     ).astype(np.float64) / 255
     return px.mean(axis=0), px.std(axis=0)
 
@@ -282,7 +283,7 @@ def _recompute(store, eid, case, mag, rows) -> np.ndarray:
                       normalization=attrs["normalization"], crop=attrs["transform"]["crop"], input_size=attrs["transform"]["size"])
     assert embedder_id(cfg) == eid
     model = store_embedder(store, cfg)
-    tiles = torch.from_numpy(store.open_group("tiles.zarr", f"{case}/{mag}")["pixels"].oindex[list(rows)])
+    tiles = torch.from_numpy(store.open_group(TILES, f"{case}/{mag}")["pixels"].oindex[list(rows)])
     with torch.inference_mode():
         return model(transform_from_record(attrs["transform"])(tiles)).numpy()
 
@@ -301,7 +302,7 @@ def test_stored_embeddings_recompute_from_the_recorded_transform(embedded):
         np.testing.assert_allclose(stored[pick].astype(np.float32), _recompute(store, eid, case, mag, pick),
                                    rtol=2**-10, atol=1e-4)
         # a whole bag is one chunk
-        arr = zarr.open_array(store=store.zarr_store("embeddings.zarr"), path=f"{eid}/{case}/{mag}", mode="r")
+        arr = zarr.open_array(store=store.zarr_store(EMBEDDINGS), path=f"{eid}/{case}/{mag}", mode="r")
         assert arr.chunks[0] >= arr.shape[0]
 
 
@@ -318,7 +319,7 @@ def test_resume_skips_complete_and_redoes_incomplete(embedded):
     before = read_embeddings(store, eid, "c0", 20)
     again = embed_store(store.url, cfg, device="cpu")
     assert again["written"] == 0 and again["skipped"] == 6
-    arr = zarr.open_array(store=store.zarr_store("embeddings.zarr"), path=f"{eid}/c0/20", mode="r+")
+    arr = zarr.open_array(store=store.zarr_store(EMBEDDINGS), path=f"{eid}/c0/20", mode="r+")
     arr[...] = 0
     arr.attrs["complete"] = False  # what a killed writer leaves
     with pytest.raises(StoreError, match="incomplete"):
@@ -348,7 +349,7 @@ def test_same_store_under_sync_and_a_local_cluster(embedded):
 
 def test_incomplete_tile_groups_are_not_embedded_and_imagenet_stats(tmp_path):
     store = make_store(tmp_path / "s", codec="jpeg")
-    g = store.open_group("tiles.zarr", "c0/5", mode="r+")
+    g = store.open_group(TILES, "c0/5", mode="r+")
     g.attrs["complete"] = False
     # The training cases hold no complete tile at 5x: nothing to estimate random batch-norm statistics from.
     random = EmbedConfig(**SMALL, normalization="imagenet", dtype="float32", magnifications=[5])
@@ -363,7 +364,7 @@ def test_incomplete_tile_groups_are_not_embedded_and_imagenet_stats(tmp_path):
     eid = embedder_id(cfg)
     assert eid.endswith("-imagenet") and summary["written"] == 2
     assert not embedding_is_complete(store, eid, "c0", 5)
-    assert not store.exists("stats/tile_normalization.json")
+    assert not store.exists(NORMALIZATION_JSON)
     out = read_embeddings(store, eid, "c_val", 5)
     assert out.dtype == np.float32 and out.shape == (2, 512)
     assert embedding_attrs(store, eid, "c_val", 5)["transform"]["mean"] == list(IMAGENET_MEAN)
@@ -426,7 +427,7 @@ def test_batch_reader_processes_and_threads_give_the_same_batches(tmp_path):
     assert [(gi, s) for gi, s, _ in out[0]] == [(0, 0), (0, 4), (2, 0)]
     for (ga, sa, a), (gb, sb, b) in zip(out[0], out[2], strict=True):
         assert (ga, sa) == (gb, sb) and torch.equal(a, b)
-    whole = store.open_group("tiles.zarr", "c0/20")["pixels"][:]
+    whole = store.open_group(TILES, "c0/20")["pixels"][:]
     np.testing.assert_array_equal(out[2][1][2].numpy(), whole[4:6, 8:56, 8:56])
     assert out[0][2][2].shape == (4, 48, 48, 3)
 
@@ -458,7 +459,7 @@ def test_a_damaged_tile_is_an_error_naming_its_group(tmp_path, processes):
     from pathlib import Path
 
     store = make_store(tmp_path / "s")
-    shard = sorted(p for p in Path(store.local_path("tiles.zarr", "c0", "20", "pixels", "c")).rglob("*") if p.is_file())[0]
+    shard = sorted(p for p in Path(store.local_path(TILES, "c0", "20", "pixels", "c")).rglob("*") if p.is_file())[0]
     data = bytearray(shard.read_bytes())
     data[16:600] = bytes(584)  # zeroes over the first tile's compressed bytes
     shard.write_bytes(bytes(data))

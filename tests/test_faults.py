@@ -45,8 +45,19 @@ import yaml
 from chain_data import assert_same_store as compare_stores
 from chain_data import without_columns
 
-from radpath_fs.store import LOCK_NAME, TMP_PREFIX, Store
-from radpath_fs.training import history_path, state_meta
+from radpath_fs.layout import (
+    CASES_TABLE,
+    HISTORY,
+    LOCK_NAME,
+    PREDICTIONS,
+    TABLE_SUFFIX,
+    TABLES,
+    TILES_TABLE,
+    TMP_PREFIX,
+    history_path,
+)
+from radpath_fs.store import Store
+from radpath_fs.training import state_meta
 
 KILLS = 10  # SIGKILLs at random times that must land per command
 MAX_ATTEMPTS = 40
@@ -78,6 +89,7 @@ if threads != 1:  # fork keeps only the calling thread: a library's worker threa
 print(json.dumps({"ready": True}), flush=True)
 import signal
 from radpath_fs.cli import main
+from radpath_fs.layout import TMP_PREFIX
 from radpath_fs.store import Store
 
 def count_writes(kill_after):
@@ -102,7 +114,7 @@ def count_renames(kill_at):
     original = os.replace
     def replace(src, dst, *args, **kwargs):
         name = os.path.basename(os.fspath(src))
-        if name.startswith(".tmp-") or name.endswith(".partial"):
+        if name.startswith(TMP_PREFIX) or name.endswith(".partial"):
             renames[0] += 1
             if renames[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -201,16 +213,16 @@ class Zygote:
 
 # The rows that must be unique in each kind of table (whole rows, for the others).
 TABLE_KEYS = {
-    "tiles.parquet": ["case_id", "magnification", "tile_index"],
-    "cases.parquet": ["case_id"],
-    "history.parquet": ["epoch"],
+    TILES_TABLE + TABLE_SUFFIX: ["case_id", "magnification", "tile_index"],
+    CASES_TABLE + TABLE_SUFFIX: ["case_id"],
+    HISTORY: ["epoch"],
 }
 
 
 def _check_no_duplicates(rel: str, table) -> None:
     df = table.to_pandas()
     name = rel.rsplit("/", 1)[-1]
-    key = TABLE_KEYS.get(name, ["model_id", "split", "case_id"] if rel.startswith("tables/predictions/") else None)
+    key = TABLE_KEYS.get(name, ["model_id", "split", "case_id"] if rel.startswith(f"{TABLES}/{PREDICTIONS}/") else None)
     dup = df.duplicated(subset=key).sum() if len(df) else 0
     assert dup == 0, f"{rel}: {dup} duplicate row(s) by {key or 'all columns'}"
 

@@ -35,6 +35,7 @@ from radpath_fs.fusion import (
     load_fusion_data,
 )
 from radpath_fs.fusion.cli import fuse_store
+from radpath_fs.layout import PREDICTIONS, table_path
 from radpath_fs.predictions import prediction_table, write_predictions
 from radpath_fs.store import Store
 
@@ -276,7 +277,7 @@ def _store(tmp_path, *tables, names=None):
     store = Store(tmp_path / "s", create=True)
     for i, t in enumerate(tables):
         if names and names[i]:
-            store.write_table(f"predictions/{names[i]}", t)
+            store.write_table(f"{PREDICTIONS}/{names[i]}", t)
         else:
             write_predictions(store, t)
     return store
@@ -347,7 +348,7 @@ def test_other_row_checks(tmp_path):
     with pytest.raises(InputError, match="OOF rows need a label"):
         load_fusion_data(_store(tmp_path / "a", no_label))
     not_parquet = Store(tmp_path / "b", create=True)
-    not_parquet.write_bytes("tables/predictions/junk.parquet", b"not parquet")
+    not_parquet.write_bytes(table_path(f"{PREDICTIONS}/junk"), b"not parquet")
     with pytest.raises(InputError, match=r"junk\.parquet: not a readable Parquet file"):
         load_fusion_data(not_parquet)
     with pytest.raises(InputError, match="no prediction tables"):

@@ -214,7 +214,7 @@ def test_bad_labels_csv(tmp_path, content, message):
 @pytest.mark.parametrize("header, row", [("CPM_RadPath_2019_ID,age_in_days", "{case},7"),
                                          ("CPM_RadPath_2019_ID,class,age_in_days", "{case},,7")])
 def test_labels_without_class_are_unlabelled_cases(tmp_path, header, row):
-    """DESIGN.md: the class is absent for hidden sets (no class column, or an empty class)."""
+    """The class is absent for hidden sets (no class column, or an empty class)."""
     data = tmp_path / "data"
     make_cohort(data)
     cases = ["CPM19_CBICA_001_1", "CPM19_CBICA_HID_1"]

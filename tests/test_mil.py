@@ -19,12 +19,22 @@ from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig, TileConfig
 from radpath_fs.embedders import create_embedder, embedder_id
 from radpath_fs.errors import RadpathError, StoreError
+from radpath_fs.layout import (
+    EMBEDDINGS,
+    MODELS,
+    RUNS,
+    TILES,
+    history_path,
+    model_config_path,
+    model_weights_path,
+    prediction_table_name,
+)
 from radpath_fs.mil import BagPool, MILClassifier, PooledHead, WSITrainer, train_wsi
 from radpath_fs.predict import model_config, pending_predictions, predict_models
 from radpath_fs.predictions import REQUIRED, SCHEMA
 from radpath_fs.store import Store, mag_key
 from radpath_fs.tilestore import write_tile_group
-from radpath_fs.training import MODELS, RUNS, history_path, state_meta, wsi_run_id
+from radpath_fs.training import state_meta, wsi_run_id
 from radpath_fs.transforms import eval_transform
 
 EMBEDDER = "test_efficientnet"  # timm's tiny EfficientNet (L = 256): the code path of efficientnet_b0
@@ -48,7 +58,7 @@ def cases_frame(labels, folds, unlabelled: int = 0) -> pd.DataFrame:
 
 
 def write_embeddings(store: Store, eid: str, case: str, mag: float, x: np.ndarray) -> None:
-    arr = zarr.create_array(store.zarr_store("embeddings.zarr"), name=f"{eid}/{case}/{mag_key(mag)}",
+    arr = zarr.create_array(store.zarr_store(EMBEDDINGS), name=f"{eid}/{case}/{mag_key(mag)}",
                             shape=x.shape, dtype="float16", chunks=(max(1, len(x)), x.shape[1]), overwrite=True)
     if len(x):
         arr[...] = x.astype(np.float16)
@@ -229,8 +239,8 @@ def test_head_mode_learns_planted_signal_and_not_noise(planted):
     predict_models(store, cfg, ["wsi-mag20-fold0-e29", "wsi-mag5-fold0-e29"], ["oof"], device="cpu")
     from sklearn.metrics import balanced_accuracy_score
 
-    oof20 = store.read_table("predictions/wsi-mag20-fold0-e29--oof")
-    oof5 = store.read_table("predictions/wsi-mag5-fold0-e29--oof")
+    oof20 = store.read_table(prediction_table_name("wsi-mag20-fold0-e29", "oof"))
+    oof5 = store.read_table(prediction_table_name("wsi-mag5-fold0-e29", "oof"))
     assert balanced_accuracy_score(oof20["label"], oof20["pred_vote"]) >= 0.85
     assert balanced_accuracy_score(oof5["label"], oof5["pred_vote"]) <= 0.6
 
@@ -246,7 +256,7 @@ def test_head_mode_snapshots_and_model_config(planted):
         cases = store.cases()
         assert sorted(config["train_cases"]) == sorted(cases[cases["fold"].isin([1, 2])]["case_id"])
     assert cfg.wsi.snapshot_epochs() == [19, 29]
-    assert not store.exists("models/wsi-mag20-fold0-e28/config.json")
+    assert not store.exists(model_config_path("wsi-mag20-fold0-e28"))
     # models/ holds the snapshots alone, each one a model `radpath predict` takes; the runs'
     # records (history, resumable state) are under runs/.
     snapshots = [f"wsi-mag{m}-fold0-e{e}" for m in (20, 5) for e in cfg.wsi.snapshot_epochs()]
@@ -276,12 +286,12 @@ def test_predict_writes_contract_rows_with_votes(planted):
         assert (votes.sum(1) == cfg.predict.repeats).all() and (df["repeats"] == cfg.predict.repeats).all()
         # The class is the vote's winner.
         assert (votes[np.arange(len(df)), [CLASSES.index(c) for c in df["pred_vote"]]] == votes.max(1)).all()
-    val = store.read_table("predictions/wsi-mag20-fold0-e19--val")
+    val = store.read_table(prediction_table_name("wsi-mag20-fold0-e19", "val"))
     assert val["label"].isna().all()
     # Seeded: predicting again gives the same table.
-    before = store.read_table("predictions/wsi-mag20-fold0-e19--oof")
+    before = store.read_table(prediction_table_name("wsi-mag20-fold0-e19", "oof"))
     predict_models(store, cfg, ["wsi-mag20-fold0-e19"], ["oof"], device="cpu")
-    pd.testing.assert_frame_equal(before, store.read_table("predictions/wsi-mag20-fold0-e19--oof"))
+    pd.testing.assert_frame_equal(before, store.read_table(prediction_table_name("wsi-mag20-fold0-e19", "oof")))
     with pytest.raises(RadpathError, match="no such model"):
         predict_models(store, cfg, ["wsi-mag20-fold0-e7"], None, device="cpu")
     with pytest.raises(RadpathError, match="--split"):
@@ -294,9 +304,9 @@ def test_a_head_predicts_only_on_embeddings_made_as_for_its_training(planted, tm
     import shutil
 
     store, cfg = planted
-    assert store.read_json("models/wsi-mag20-fold0-e29/config.json")["embedding_transform"] == PLANTED_TRANSFORM
+    assert store.read_json(model_config_path("wsi-mag20-fold0-e29"))["embedding_transform"] == PLANTED_TRANSFORM
     copy = Store(shutil.copytree(store.root, tmp_path / "copy"))
-    group = zarr.open_group(copy.zarr_store("embeddings.zarr"), path=embedder_id(cfg.embed), mode="r+")
+    group = zarr.open_group(copy.zarr_store(EMBEDDINGS), path=embedder_id(cfg.embed), mode="r+")
     cases = list(copy.cases()["case_id"])
     group[f"{cases[0]}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
     with pytest.raises(StoreError, match="2 different transforms or calibrations; rerun `radpath embed`"):
@@ -363,11 +373,11 @@ def test_a_changed_head_setting_retrains_and_its_predictions_are_redone(tmp_path
     err = " ".join(capsys.readouterr().err.split())
     assert f"{model_id}: trained with another config or case list; retraining" in err
     assert model_bytes(store, model_id) != old
-    assert store.read_json(f"models/{model_id}/config.json")["head"]["dropout"] == 0.1
+    assert store.read_json(model_config_path(model_id))["head"]["dropout"] == 0.1
     assert not any(Path(p).exists() for p in tables) and pending_predictions(store) == [model_id]
     assert wsi_is_current(store, changed, 20, 0) and not wsi_is_current(store, cfg, 20, 0)
     # Embeddings made again (other normalisation statistics) are other inputs: another run.
-    group = zarr.open_group(store.zarr_store("embeddings.zarr"), path=embedder_id(cfg.embed), mode="r+")
+    group = zarr.open_group(store.zarr_store(EMBEDDINGS), path=embedder_id(cfg.embed), mode="r+")
     for case in store.cases()["case_id"]:
         group[f"{case}/20"].attrs["transform"] = {**PLANTED_TRANSFORM, "mean": [0.4, 0.5, 0.5]}
     assert not wsi_is_current(store, changed, 20, 0)
@@ -375,7 +385,7 @@ def test_a_changed_head_setting_retrains_and_its_predictions_are_redone(tmp_path
         group[f"{case}/20"].attrs["transform"] = PLANTED_TRANSFORM
     assert wsi_is_current(store, changed, 20, 0)
     # A snapshot that records no fingerprint (an older radpath_fs's) is not of this run: retrained.
-    config_json = Path(store.path("models", model_id, "config.json"))
+    config_json = Path(store.path(model_config_path(model_id)))
     config_json.write_text(json.dumps({k: v for k, v in json.loads(config_json.read_text()).items()
                                        if k != "training_fingerprint"}))
     assert not wsi_is_current(store, changed, 20, 0)
@@ -460,9 +470,9 @@ def test_predict_finetune_model_augments_tile_by_tile(finetuned):
     store, cfg, _ = finetuned
     predict_models(store, cfg, ["wsi-mag20-fold0-e7"], ["oof", "val", "train"], device="cpu")
     cases = store.cases()
-    oof = store.read_table("predictions/wsi-mag20-fold0-e7--oof")
-    train = store.read_table("predictions/wsi-mag20-fold0-e7--train")
-    val = store.read_table("predictions/wsi-mag20-fold0-e7--val")
+    oof = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "oof"))
+    train = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "train"))
+    val = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "val"))
     assert sorted(oof["case_id"]) == sorted(cases[cases["fold"] == 0]["case_id"])
     assert sorted(train["case_id"]) == sorted(cases[cases["fold"] > 0]["case_id"])
     assert len(val) == 2 and val["label"].isna().all()
@@ -474,7 +484,7 @@ def test_predict_finetune_model_augments_tile_by_tile(finetuned):
     # Without it (predict.augment: false) the tiles are center-cropped; only the subsets vary.
     plain = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"augment": False})})
     predict_models(store, plain, ["wsi-mag20-fold0-e7"], ["oof"], device="cpu")
-    again = store.read_table("predictions/wsi-mag20-fold0-e7--oof")
+    again = store.read_table(prediction_table_name("wsi-mag20-fold0-e7", "oof"))
     assert list(again["case_id"]) == list(oof["case_id"]) and not np.allclose(again["prob_A"], oof["prob_A"])
 
 
@@ -491,11 +501,11 @@ def test_cli_train_and_predict(planted, tmp_path):
     r = CliRunner().invoke(app, ["train-wsi", "--store", store.url, "--config", str(yaml_path), "--mag", "20",
                                  "--fold", "1", "--mode", "head", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert store.exists("models/wsi-mag20-fold1-e29/model.safetensors")
+    assert store.exists(model_weights_path("wsi-mag20-fold1-e29"))
     r = CliRunner().invoke(app, ["predict", "--store", store.url, "--config", str(yaml_path),
                                  "--model", "wsi-mag20-fold1-e29", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert store.has_table("predictions/wsi-mag20-fold1-e29--oof")
+    assert store.has_table(prediction_table_name("wsi-mag20-fold1-e29", "oof"))
     r = CliRunner().invoke(app, ["train-wsi", "--store", store.url, "--config", str(yaml_path), "--mag", "20",
                                  "--fold", "9", "--device", "cpu"])
     assert r.exit_code == 2 and "folds" in r.output
@@ -542,14 +552,14 @@ def test_real_chain_synth_tile_embed_train_predict(tmp_path):
     assert sorted(todo) == ["wsi-mag2.5-fold0-e3", "wsi-mag20-fold0-e3"]
     predict_models(url, cfg, todo, None, device="cpu")
     assert pending_predictions(store) == []
-    oof = store.read_table("predictions/wsi-mag20-fold0-e3--oof")
-    val = store.read_table("predictions/wsi-mag20-fold0-e3--val")
+    oof = store.read_table(prediction_table_name("wsi-mag20-fold0-e3", "oof"))
+    val = store.read_table(prediction_table_name("wsi-mag20-fold0-e3", "val"))
     assert sorted(oof["case_id"]) == sorted(cases.loc[cases["label"].notna() & (cases["fold"] == 0), "case_id"])
     assert sorted(val["case_id"]) == sorted(cases.loc[cases["label"].isna(), "case_id"])
     tiles = store.read_table("tiles")
     per_case = tiles[tiles["magnification"] == 20].groupby("case_id").size()
     assert (oof.set_index("case_id")["tiles"] == per_case.loc[oof["case_id"]].to_numpy()).all()
-    config = store.read_json("models/wsi-mag20-fold0-e3/config.json")
+    config = store.read_json(model_config_path("wsi-mag20-fold0-e3"))
     assert config["embedder"]["id"] == embedder_id(EmbedConfig(name=EMBEDDER, weights="random", input_size=64, batch_size=128))
 
 
@@ -562,7 +572,7 @@ def out_of_fold_balanced_accuracy(store: Store, cfg: PipelineConfig, mag: float,
     for fold in range(folds):
         (model_id,) = train_wsi(store, cfg, mag, fold, device="cpu")
         predict_models(store, cfg, [model_id], ["oof"], device="cpu")
-        oof.append(store.read_table(f"predictions/{model_id}--oof"))
+        oof.append(store.read_table(prediction_table_name(model_id, "oof")))
     df = pd.concat(oof)
     return float(balanced_accuracy_score(df["label"], df["pred_vote"])), len(df)
 
@@ -621,7 +631,7 @@ def test_gpu_benchmark_runs_on_the_cpu_with_tiny_sizes(tmp_path):
 
 def test_a_damaged_tile_chunk_is_an_error_naming_the_slide(tmp_path):
     store, cfg = tile_store(tmp_path / "store", n=6)
-    shard = sorted(p for p in (tmp_path / "store" / "tiles.zarr" / "C001" / "20" / "pixels").rglob("*")
+    shard = sorted(p for p in (tmp_path / "store" / TILES / "C001" / "20" / "pixels").rglob("*")
                    if p.is_file() and p.name != "zarr.json")[0]
     data = bytearray(shard.read_bytes())
     data[16:4096] = bytes(4080)  # zeroes over the first compressed tiles

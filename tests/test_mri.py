@@ -19,8 +19,8 @@ from scipy import ndimage
 from radpath_fs import CLASSES, MODALITIES, training
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import BatchErrors, ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.layout import LOCK_NAME, MODELS, MRI_ZARR, RUNS, history_path
 from radpath_fs.mri import (
-    MRI_ZARR,
     is_cached,
     predict_mri,
     preprocess_case,
@@ -31,7 +31,7 @@ from radpath_fs.mri import (
 from radpath_fs.mri.data import CachedVolumes, EpochBatches, augment_transforms, augment_volume
 from radpath_fs.predictions import SCHEMA
 from radpath_fs.store import Store
-from radpath_fs.training import MODELS, RUNS, history_path, load_checkpoint, state_meta
+from radpath_fs.training import load_checkpoint, state_meta
 
 # Tumour appearance per class, as (t1, t1ce, t2, flair) factors of the surrounding tissue:
 # glioblastoma enhances in t1ce around a necrotic core; astrocytoma and oligodendroglioma do not,
@@ -452,7 +452,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
     monkeypatch.undo()
     assert not (Path(crashed.root) / "models" / "mri-all-e2").exists()
     assert state_meta(crashed, "mri-all")["epoch"] == 1
-    assert not (Path(crashed.root) / ".radpath.lock").exists()  # the lock went with the crash
+    assert not (Path(crashed.root) / LOCK_NAME).exists()  # the lock went with the crash
     train_mri(crashed.url, cfg, fold=-1, device="cpu", resume=True)
 
     a, _ = load_checkpoint(whole, "mri-all-e2")
@@ -536,7 +536,7 @@ def test_a_changed_setting_retrains_and_its_predictions_are_redone(tmp_path, coh
     # train_mri must look at it (it joins the training cases), so the run is not current.
     t1 = Path(rows[0]["mri_t1"])
     good = t1.read_bytes()
-    shutil.rmtree(store.path("mri.zarr", str(rows[0]["case_id"])))
+    shutil.rmtree(store.path(MRI_ZARR, str(rows[0]["case_id"])))
     t1.write_bytes(good[:100])
     train_mri(store.url, changed, fold=0, device="cpu", skip_errors=True)
     t1.write_bytes(good)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from radpath_fs.config import load_config
+from radpath_fs.layout import REPORT_DIR, REPORT_INDEX, model_weights_path, prediction_table_name
 from radpath_fs.pipeline import run_pipeline
 from radpath_fs.store import Store
 
@@ -57,8 +58,8 @@ def test_every_step_ran_and_wrote_its_outputs(run):
         for fold in folds:
             for epoch in cfg.wsi.snapshot_epochs():
                 model_id = f"wsi-mag{mag:g}-fold{fold}-e{epoch}"
-                assert store.exists(f"models/{model_id}/model.safetensors")
-                assert store.has_table(f"predictions/{model_id}--oof")
+                assert store.exists(model_weights_path(model_id))
+                assert store.has_table(prediction_table_name(model_id, "oof"))
     for fold in folds:
         for epoch in cfg.mri.snapshot_epochs():
             assert store.has_table(f"predictions/mri-fold{fold}-e{epoch}--oof")
@@ -67,7 +68,7 @@ def test_every_step_ran_and_wrote_its_outputs(run):
     assert ens["primary"].sum() == 1
     assert {"mri", "wsi", "all", "pruned", "selected", "stacked-lr"} <= set(ens["experiment"])
     assert set(ens.loc[ens["experiment"] == "mri", "members"].iloc[0]) == {"mri-e1", "mri-e2"}
-    assert (Path(cfg.store) / "report" / "index.html").exists()
+    assert (Path(cfg.store) / REPORT_DIR / REPORT_INDEX).exists()
 
 
 def test_rerun_skips_every_step(run):
@@ -97,7 +98,7 @@ def _chromium() -> str:
 
 def test_report_opens_in_headless_chromium_with_every_image_loaded(run, tmp_path):
     cfg, store, _ = run
-    page = Path(cfg.store) / "report" / "index.html"
+    page = Path(cfg.store) / REPORT_DIR / REPORT_INDEX
     html = page.read_text()
     n_images = len(re.findall(r"<img ", html))
     assert n_images >= 6 and "http://" not in html and "https://" not in html  # self-contained

@@ -17,9 +17,10 @@ from chain_data import assert_same_store, run_chain
 from moto.server import ThreadedMotoServer
 
 from radpath_fs.errors import StoreLockedError
+from radpath_fs.layout import LOCK_NAME, TILES, TMP_PREFIX, prediction_table_name
 from radpath_fs.query import query
 from radpath_fs.report import write_report
-from radpath_fs.store import LOCK_NAME, Store
+from radpath_fs.store import Store
 
 BUCKET = "radpath-test"
 
@@ -63,8 +64,8 @@ def test_chain_on_s3_builds_the_same_store_as_on_a_local_folder(remote, chain_re
     for part in ("/tiles.zarr/", "/embeddings.zarr/", "/tables/predictions/", "/models/"):
         assert any(part in p for p in files), part
     assert kinds["parquet"] >= 4 and kinds["bytes"] >= 10 and kinds["json"] >= 10
-    assert not [p for p in files if p.rsplit("/", 1)[1].startswith(".tmp-") or p.endswith(LOCK_NAME)]
-    pred = remote.read_table("predictions/wsi-mag20-fold0-e2--oof")
+    assert not [p for p in files if p.rsplit("/", 1)[1].startswith(TMP_PREFIX) or p.endswith(LOCK_NAME)]
+    pred = remote.read_table(prediction_table_name("wsi-mag20-fold0-e2", "oof"))
     assert len(pred) > 0 and np.allclose(pred[["prob_A", "prob_O", "prob_G"]].sum(axis=1), 1, atol=1e-5)
 
 
@@ -94,9 +95,9 @@ def test_second_writer_on_s3_fails_at_once(remote):
 def test_zarr_groups_on_a_memory_store():
     """fsspec's memory filesystem is synchronous: zarr gets an async wrapper of it."""
     store = Store("memory://radpath-remote-test/store", create=True)
-    g = store.fresh_group("tiles.zarr", "c1/20")
+    g = store.fresh_group(TILES, "c1/20")
     g.create_array("coords", shape=(3, 2), dtype="int64")[...] = np.arange(6).reshape(3, 2)
-    assert not store.group_is_complete("tiles.zarr", "c1/20")
+    assert not store.group_is_complete(TILES, "c1/20")
     g.attrs["complete"] = True
-    assert store.group_is_complete("tiles.zarr", "c1/20")
-    np.testing.assert_array_equal(store.open_group("tiles.zarr", "c1/20")["coords"][...], np.arange(6).reshape(3, 2))
+    assert store.group_is_complete(TILES, "c1/20")
+    np.testing.assert_array_equal(store.open_group(TILES, "c1/20")["coords"][...], np.arange(6).reshape(3, 2))

@@ -25,7 +25,18 @@ from typer.testing import CliRunner
 
 from radpath_fs.cli import app
 from radpath_fs.errors import InputError, StoreError
-from radpath_fs.store import LOCK_NAME, Store
+from radpath_fs.layout import (
+    CASES_TABLE,
+    LOCK_NAME,
+    MODELS,
+    MRI_ZARR,
+    TABLES,
+    TILES,
+    model_config_path,
+    model_dir,
+    table_path,
+)
+from radpath_fs.store import Store
 
 
 def invoke(argv: list[str]):
@@ -67,9 +78,9 @@ def test_store_locations_cannot_escape(tmp_path, rel):
     with pytest.raises(StoreError, match="not a location inside the store"):
         st.write_json(rel, {"x": 1})
     with pytest.raises(StoreError, match="not a location inside the store"):
-        st.local_path("tiles.zarr", rel)
+        st.local_path(TILES, rel)
     with pytest.raises(StoreError, match="not safe as a path component"):
-        st.fresh_group("tiles.zarr", f"{rel}/20")
+        st.fresh_group(TILES, f"{rel}/20")
     assert not (tmp_path / "escape.json").exists()
 
 
@@ -82,7 +93,7 @@ def test_ids_from_the_command_line_cannot_escape(tmp_path):
 
 
 # ---- links -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("link", ["tables", "tables/cases.parquet", "models", "models/m1"])
+@pytest.mark.parametrize("link", [TABLES, table_path(CASES_TABLE), MODELS, model_dir("m1")])
 def test_no_write_through_a_link_in_the_store(tmp_path, outside, link):
     st = Store(tmp_path / "store", create=True)
     at = tmp_path / "store" / link
@@ -90,31 +101,31 @@ def test_no_write_through_a_link_in_the_store(tmp_path, outside, link):
     at.symlink_to(outside / "precious.txt" if link.endswith(".parquet") else outside)
     before = snapshot(outside)
     with pytest.raises(StoreError, match=f"{link}: is a symbolic link"):
-        if link.startswith("tables"):
-            st.write_table("cases", pd.DataFrame({"case_id": ["b"]}))
+        if link.startswith(TABLES):
+            st.write_table(CASES_TABLE, pd.DataFrame({"case_id": ["b"]}))
         else:
-            st.write_json("models/m1/config.json", {"model_id": "m1"})
+            st.write_json(model_config_path("m1"), {"model_id": "m1"})
     assert snapshot(outside) == before
 
 
-@pytest.mark.parametrize("link", ["tiles.zarr", "tiles.zarr/C1", "tiles.zarr/C1/20"])
+@pytest.mark.parametrize("link", [TILES, f"{TILES}/C1", f"{TILES}/C1/20"])
 def test_zarr_writes_and_deletes_do_not_follow_links(tmp_path, outside, link):
     st = Store(tmp_path / "store", create=True)
-    if link != "tiles.zarr":
-        st.fresh_group("tiles.zarr", "C0/20").attrs["complete"] = True  # a real group beside the link
+    if link != TILES:
+        st.fresh_group(TILES, "C0/20").attrs["complete"] = True  # a real group beside the link
     (tmp_path / "store" / link).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "store" / link).symlink_to(outside, target_is_directory=True)
     before = snapshot(outside)
     with pytest.raises(StoreError, match="is a symbolic link"):
-        st.fresh_group("tiles.zarr", "C1/20")  # a rewrite deletes what is there first
+        st.fresh_group(TILES, "C1/20")  # a rewrite deletes what is there first
     assert snapshot(outside) == before
-    if link != "tiles.zarr":  # reading and writing beside the link still works
-        assert st.group_is_complete("tiles.zarr", "C0/20")
-        st.fresh_group("tiles.zarr", "C2/20").attrs["complete"] = True
+    if link != TILES:  # reading and writing beside the link still works
+        assert st.group_is_complete(TILES, "C0/20")
+        st.fresh_group(TILES, "C2/20").attrs["complete"] = True
 
 
 def test_mri_cache_does_not_write_through_a_link(tmp_path, outside):
-    from radpath_fs.mri.preprocess import MRI_ZARR, write_cached
+    from radpath_fs.mri.preprocess import write_cached
 
     st = Store(tmp_path / "store", create=True)
     write_cached(st, "C0", np.zeros((4, 4, 4, 4), np.float16), {})
@@ -128,8 +139,8 @@ def test_mri_cache_does_not_write_through_a_link(tmp_path, outside):
 def test_cli_refuses_a_linked_tile_group_and_leaves_its_target_alone(tmp_path, outside):
     slide = synthetic_slide(tmp_path / "s.tif", size=(512, 512), mpp=0.5)
     st = make_store(tmp_path / "store", [case_row("C1", slide, 0.5)])
-    st.open_zarr("tiles.zarr")
-    (tmp_path / "store" / "tiles.zarr" / "C1").symlink_to(outside, target_is_directory=True)
+    st.open_zarr(TILES)
+    (tmp_path / "store" / TILES / "C1").symlink_to(outside, target_is_directory=True)
     before, store_before = snapshot(outside), snapshot(tmp_path / "store")
     exits_2_with(invoke(["tile", "--store", st.root, "--mags", "20"]), "tiles.zarr/C1: is a symbolic link")
     assert snapshot(outside) == before
@@ -152,9 +163,9 @@ def test_the_store_folder_itself_may_be_a_link(tmp_path):
     real.mkdir(parents=True)
     (tmp_path / "store").symlink_to(real, target_is_directory=True)
     st = Store(tmp_path / "store", create=True)
-    st.write_table("cases", pd.DataFrame({"case_id": ["a"]}))
-    st.fresh_group("tiles.zarr", "a/20").attrs["complete"] = True
-    assert (real / "tables" / "cases.parquet").is_file() and st.group_is_complete("tiles.zarr", "a/20")
+    st.write_table(CASES_TABLE, pd.DataFrame({"case_id": ["a"]}))
+    st.fresh_group(TILES, "a/20").attrs["complete"] = True
+    assert (real / table_path(CASES_TABLE)).is_file() and st.group_is_complete(TILES, "a/20")
 
 
 # ---- nothing is unpickled ----------------------------------------------------------------------
@@ -163,7 +174,7 @@ def test_a_pickled_checkpoint_is_refused_unopened(tmp_path):
 
     marker = tmp_path / "unpickled"
     st = Store(tmp_path / "store", create=True)
-    st.write_json("models/wsi-mag20-fold0-e0/config.json", {"model_id": "wsi-mag20-fold0-e0", "modality": "wsi",
+    st.write_json(model_config_path("wsi-mag20-fold0-e0"), {"model_id": "wsi-mag20-fold0-e0", "modality": "wsi",
                                                              "fold": 0, "snapshot": 0, "magnification": 20})
     path = tmp_path / "store" / "models" / "wsi-mag20-fold0-e0" / "model.safetensors"
     for writer in (lambda p: p.write_bytes(pickle.dumps(Payload(marker))),
@@ -177,7 +188,8 @@ def test_a_pickled_checkpoint_is_refused_unopened(tmp_path):
 
 
 def test_a_pickled_training_state_is_refused(tmp_path):
-    from radpath_fs.training import load_state, state_path
+    from radpath_fs.layout import state_path
+    from radpath_fs.training import load_state
 
     marker = tmp_path / "unpickled"
     st = Store(tmp_path / "store", create=True)

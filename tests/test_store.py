@@ -10,18 +10,23 @@ import pandas as pd
 import pytest
 
 from radpath_fs.errors import StoreError, StoreLockedError
-from radpath_fs.store import LAYOUT_VERSION, LOCK_NAME, Store, check_name, mag_key
+from radpath_fs.layout import LAYOUT_VERSION, LOCK_NAME, STORE_JSON, TILES, TMP_PREFIX, prediction_table_name
+from radpath_fs.store import Store, check_name, mag_key
 
 
 def test_create_and_open(tmp_path):
     s = Store(tmp_path / "st", create=True)
-    assert json.loads((tmp_path / "st/store.json").read_text())["layout_version"] == LAYOUT_VERSION
+    meta = tmp_path / "st" / STORE_JSON
+    assert json.loads(meta.read_text())["layout_version"] == LAYOUT_VERSION
     Store(tmp_path / "st")  # opens
     with pytest.raises(StoreError, match="not a radpath store"):
         Store(tmp_path / "nothing")
-    (tmp_path / "st/store.json").write_text(json.dumps({"layout_version": 99}))
-    with pytest.raises(StoreError, match="layout version 99"):
-        Store(tmp_path / "st")
+    # A store of another layout (older or newer) is refused whole, saying to rebuild it.
+    for other in (LAYOUT_VERSION - 1, LAYOUT_VERSION + 1, None):
+        meta.write_text(json.dumps({} if other is None else {"layout_version": other}))
+        with pytest.raises(StoreError, match=rf"has layout {other}; this radpath_fs writes layout {LAYOUT_VERSION}: "
+                                             r"rebuild it \(delete the store and run the pipeline again\)"):
+            Store(tmp_path / "st")
     assert s.url.endswith("st")
 
 
@@ -29,10 +34,10 @@ def test_tables_are_written_atomically_and_read_back(tmp_path):
     s = Store(tmp_path, create=True)
     df = pd.DataFrame({"a": [1, 2], "b": ["x", None]})
     s.write_table("cases", df)
-    s.write_table("predictions/m1--oof", df)
+    s.write_table(prediction_table_name("m1", "oof"), df)
     pd.testing.assert_frame_equal(s.read_table("cases"), df)
-    assert s.list_tables("predictions") == ["predictions/m1--oof"]
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+    assert s.list_tables("predictions") == [prediction_table_name("m1", "oof")]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(TMP_PREFIX)]
     assert leftovers == []
     with pytest.raises(StoreError, match="does not exist yet"):
         s.read_table("tiles")
@@ -59,15 +64,15 @@ def test_mag_key():
 
 def test_groups_are_complete_only_when_marked(tmp_path):
     s = Store(tmp_path, create=True)
-    assert not s.group_is_complete("tiles.zarr", "c1/20")
-    g = s.fresh_group("tiles.zarr", "c1/20")
+    assert not s.group_is_complete(TILES, "c1/20")
+    g = s.fresh_group(TILES, "c1/20")
     g.create_array("coords", shape=(2, 2), dtype="int64")
-    assert not s.group_is_complete("tiles.zarr", "c1/20")
+    assert not s.group_is_complete(TILES, "c1/20")
     g.attrs["complete"] = True
-    assert s.group_is_complete("tiles.zarr", "c1/20")
-    s.fresh_group("tiles.zarr", "c1/20")  # a redo starts empty
-    assert not s.group_is_complete("tiles.zarr", "c1/20")
-    assert "coords" not in s.open_group("tiles.zarr", "c1/20")
+    assert s.group_is_complete(TILES, "c1/20")
+    s.fresh_group(TILES, "c1/20")  # a redo starts empty
+    assert not s.group_is_complete(TILES, "c1/20")
+    assert "coords" not in s.open_group(TILES, "c1/20")
 
 
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
@@ -109,7 +114,7 @@ def test_unreadable_lock_file_is_stale_only_once_it_stays_unreadable(tmp_path):
     (tmp_path / ".tmp-lock-0123abcd").write_text("{}")  # debris of a writer killed while locking
     with s.lock("x"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)] == []
     assert not lock.exists()
     # No lock left, only a lock temporary of a writer killed while making its lock: swept too.
     (tmp_path / ".tmp-lock-4567cdef").write_text("{}")

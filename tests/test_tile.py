@@ -21,6 +21,7 @@ import zarr
 from radpath_fs import synth, wsi
 from radpath_fs.config import TileConfig
 from radpath_fs.errors import InputError, RadpathError, StoreError
+from radpath_fs.layout import LOCK_NAME, TILE_COUNTS_PNG, TILES
 from radpath_fs.store import Store
 
 DATA = Path(__file__).parent / "data"
@@ -132,7 +133,7 @@ def test_cmu_tiles_match_an_independent_numpy_rule(tmp_path, capfd):
     # The rule is not trivially all-or-nothing on this slide.
     assert 0 < wsi.tile_count(store, "CMU1", 20) < (2220 // 512) * (2967 // 512)
     assert set(table.columns) == {"case_id", "magnification", "mpp", "tile_index", "x", "y", "tissue_fraction"}
-    png = store.fs.cat_file(store.path(wsi.TILE_COUNTS_PNG))
+    png = store.fs.cat_file(store.path(TILE_COUNTS_PNG))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -191,9 +192,9 @@ def test_readers_sharding_and_jpeg(tmp_path):
     wsi.tile_store(str(lossless.root), cfg)
     n = wsi.tile_count(lossless, "A1", 20)
     assert n > 20
-    pix = lossless.open_group("tiles.zarr", "A1/20")["pixels"]
+    pix = lossless.open_group(TILES, "A1/20")["pixels"]
     assert pix.chunks == (1, 128, 128, 3) and pix.shards == (16, 128, 128, 3)
-    shard_files = [p for p in Path(lossless.local_path("tiles.zarr", "A1", "20", "pixels", "c")).rglob("*") if p.is_file()]
+    shard_files = [p for p in Path(lossless.local_path(TILES, "A1", "20", "pixels", "c")).rglob("*") if p.is_file()]
     assert len(shard_files) == -(-n // 16)  # a slide is a few files, not one per tile
     every = wsi.read_tiles(lossless, "A1", 20)
     pick = [5, 0, 5, n - 1]
@@ -211,10 +212,10 @@ def test_readers_sharding_and_jpeg(tmp_path):
     assert np.abs(jpeg_tiles.astype(np.int16) - every).mean() < 3.0
 
     def size(s: Store) -> int:
-        return sum(p.stat().st_size for p in Path(s.local_path("tiles.zarr", "A1", "20", "pixels")).rglob("*"))
+        return sum(p.stat().st_size for p in Path(s.local_path(TILES, "A1", "20", "pixels")).rglob("*"))
 
     assert size(lossy) * 3 < size(lossless)
-    meta = json.loads(Path(lossy.local_path("tiles.zarr", "A1", "20", "pixels", "zarr.json")).read_text())
+    meta = json.loads(Path(lossy.local_path(TILES, "A1", "20", "pixels", "zarr.json")).read_text())
     assert "radpath.jpeg" in json.dumps(meta["codecs"])
 
 
@@ -237,7 +238,7 @@ def test_write_tile_group_from_an_iterator(tmp_path):
     assert wsi.tile_group_attrs(store, "c1", 20)["complete"] is True
     with pytest.raises(ValueError):
         wsi.write_tile_group(store, "c2", 20, tiles, np.zeros((3, 2)), np.ones(3), {}, cfg)
-    assert not store.group_is_complete("tiles.zarr", "c2/20") and not store.exists("tiles.zarr/c2")
+    assert not store.group_is_complete(TILES, "c2/20") and not store.exists(f"{TILES}/c2")
 
 
 @pytest.mark.parametrize("codec", ["zstd", "jpeg"])
@@ -266,7 +267,7 @@ def test_writer_shards_are_the_bytes_zarr_writes(tmp_path, codec, threads):
     theirs[:] = tiles
 
     def shards(case: str) -> dict[str, bytes]:
-        folder = Path(store.local_path("tiles.zarr", case, "20", "pixels", "c"))
+        folder = Path(store.local_path(TILES, case, "20", "pixels", "c"))
         return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
     ours = shards("ours")
@@ -289,7 +290,7 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path, codec, where):
     tiles = np.random.default_rng(2).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)
     wsi.write_tile_group(store, "c1", 20, tiles, np.zeros((21, 2)), np.ones(21), {"mpp": 0.5}, cfg)
     reader = TileReader(store, "c1", 20)
-    zarr_pixels = store.open_group("tiles.zarr", "c1/20")["pixels"]
+    zarr_pixels = store.open_group(TILES, "c1/20")["pixels"]
     assert reader._per_shard == 8  # the fast path, not the zarr fallback
     everything = np.asarray(zarr_pixels[:])
     if codec == "zstd":
@@ -300,14 +301,14 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path, codec, where):
     assert reader.read([]).shape == (0, 32, 32, 3)
 
     # A group written by other means (plain zarr chunks, no shards) is read through zarr.
-    other = store.open_zarr("tiles.zarr").create_group("c2/20")
+    other = store.open_zarr(TILES).create_group("c2/20")
     other.create_array("pixels", data=tiles, chunks=(4, 32, 32, 3))
     other.attrs["complete"] = True
     plain = TileReader(store, "c2", 20)
     assert plain._decode is None
     np.testing.assert_array_equal(plain.read([20, 1, 1], (8, 24)), tiles[[20, 1, 1], 8:24, 8:24])
 
-    shard = store.path("tiles.zarr", "c1", "20", "pixels", "c", "1", "0", "0", "0")
+    shard = store.path(TILES, "c1", "20", "pixels", "c", "1", "0", "0", "0")
     data = bytearray(store.fs.cat_file(shard))
     data[-10] ^= 0xFF  # a flipped bit in the shard index
     store.fs.pipe_file(shard, bytes(data))
@@ -338,7 +339,7 @@ def test_same_store_under_every_scheduler(tmp_path, three_slides):
         store = make_store(tmp_path / sched.replace(":", "_"), three_slides)
         results = wsi.tile_store(str(store.root), SMALL, scheduler=sched)
         assert [r["status"] for r in results] == ["done"] * 3
-        digest = tree_digest(Path(store.local_path("tiles.zarr")))
+        digest = tree_digest(Path(store.local_path(TILES)))
         table = store.read_table("tiles")
         if ref is None:
             ref = (digest, table)
@@ -351,16 +352,16 @@ def test_same_store_under_every_scheduler(tmp_path, three_slides):
 def test_rerun_skips_complete_and_redoes_incomplete(tmp_path, three_slides):
     store = make_store(tmp_path / "s", three_slides)
     wsi.tile_store(str(store.root), SMALL)
-    before = tree_digest(Path(store.local_path("tiles.zarr")))
-    group = zarr.open_group(store.local_path("tiles.zarr"), path="S1/10", mode="r+")
+    before = tree_digest(Path(store.local_path(TILES)))
+    group = zarr.open_group(store.local_path(TILES), path="S1/10", mode="r+")
     group.attrs["complete"] = False  # as if killed before the end
     group["pixels"][0] = 0
-    mtime = os.stat(store.local_path("tiles.zarr", "S0", "20", "zarr.json")).st_mtime_ns
+    mtime = os.stat(store.local_path(TILES, "S0", "20", "zarr.json")).st_mtime_ns
     results = wsi.tile_store(str(store.root), SMALL)
     assert [r["status"] for r in results] == ["complete", "done", "complete"]
     assert results[1]["tiles"].keys() == {"10"}  # only the incomplete group was rewritten
-    assert tree_digest(Path(store.local_path("tiles.zarr"))) == before
-    assert os.stat(store.local_path("tiles.zarr", "S0", "20", "zarr.json")).st_mtime_ns == mtime
+    assert tree_digest(Path(store.local_path(TILES))) == before
+    assert os.stat(store.local_path(TILES, "S0", "20", "zarr.json")).st_mtime_ns == mtime
 
 
 def test_killed_run_resumes_to_the_same_store(tmp_path):
@@ -378,7 +379,7 @@ def test_killed_run_resumes_to_the_same_store(tmp_path):
     killed = make_store(tmp_path / "killed", rows)
     cmd[5] = str(killed.root)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = Path(killed.local_path("tiles.zarr", "K0", "5", "zarr.json"))
+    first = Path(killed.local_path(TILES, "K0", "5", "zarr.json"))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (first.exists() and '"complete": true' in first.read_text()):
         time.sleep(0.02)
@@ -386,11 +387,11 @@ def test_killed_run_resumes_to_the_same_store(tmp_path):
     proc.wait()
     assert first.exists(), "the run never got going"
     assert not killed.has_table("tiles"), "the run finished before it was killed; the test needs more work"
-    assert not all(killed.group_is_complete("tiles.zarr", f"K{i}/5") for i in range(6))
+    assert not all(killed.group_is_complete(TILES, f"K{i}/5") for i in range(6))
 
     rerun = subprocess.run(cmd, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert tree_digest(Path(killed.local_path("tiles.zarr"))) == tree_digest(Path(clean.local_path("tiles.zarr")))
+    assert tree_digest(Path(killed.local_path(TILES))) == tree_digest(Path(clean.local_path(TILES)))
     pd.testing.assert_frame_equal(killed.read_table("tiles"), clean.read_table("tiles"))
 
 
@@ -459,7 +460,7 @@ def test_bad_slides_fail_clearly_and_touch_nothing(tmp_path, three_slides):
     for cid, (p, problem) in bad.items():
         assert f"{p}: " in str(err.value) and problem in str(err.value), cid
         assert not store.exists(f"tiles.zarr/{cid}")
-    assert not store.exists(".radpath.lock")  # the lock was released
+    assert not store.exists(LOCK_NAME)  # the lock was released
 
     results = wsi.tile_store(str(store.root), SMALL, skip_errors=True)
     assert [r["status"] for r in results] == ["complete"] + ["error"] * 4

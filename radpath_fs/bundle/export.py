@@ -17,17 +17,23 @@ from pathlib import Path
 import numpy as np
 
 from radpath_fs import CLASSES, __version__
-from radpath_fs.bundle.format import (
-    BUNDLE_JSON,
-    EMBEDDER_FILE,
-    FORMAT,
-    FORMAT_VERSION,
-    MODEL_FILES,
-    check_preprocess_version,
-)
+from radpath_fs.bundle.format import FORMAT, FORMAT_VERSION, check_preprocess_version
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
+from radpath_fs.layout import (
+    BUNDLE_EMBEDDERS,
+    BUNDLE_JSON,
+    ENSEMBLES_TABLE,
+    LAYOUT_VERSION,
+    MODEL_FILES,
+    MODEL_WEIGHTS,
+    MODELS,
+    STORE_JSON,
+    TILES_TABLE,
+    model_config_path,
+    prediction_table_name,
+)
 from radpath_fs.progress import info, warn
-from radpath_fs.store import LAYOUT_VERSION, Store, mag_key
+from radpath_fs.store import Store, mag_key
 from radpath_fs.weights import sha256_file
 
 # Methods whose fused probability is a vote of the members with the weights in ensembles.parquet.
@@ -39,9 +45,9 @@ def choose_ensemble(store: Store, ensemble_id: str | None) -> dict:
     (`fusion.cli.primary_id`, as the report and the run summary take it)."""
     from radpath_fs.fusion.cli import primary_id
 
-    if not store.has_table("ensembles"):
+    if not store.has_table(ENSEMBLES_TABLE):
         raise StoreError(f"{store.path(store.table_rel('ensembles'))}: no ensembles; run `radpath fuse` first")
-    table = store.read_table("ensembles").sort_values("created", ascending=False, kind="stable")
+    table = store.read_table(ENSEMBLES_TABLE).sort_values("created", ascending=False, kind="stable")
     if ensemble_id is None:
         rows = table[table["primary"]]
         chosen = primary_id(table)
@@ -95,12 +101,11 @@ def _recorded_config(store: Store, configs: dict[str, dict], owners: dict[str, s
     """A PipelineConfig with the seed and predict settings the slide models' prediction tables record
     (defaults for what none records). Members whose tables disagree are a ConfigError naming both."""
     from radpath_fs.config import PipelineConfig, PredictConfig
-    from radpath_fs.predictions import table_name
 
     seen: dict[str, tuple[object, str, str]] = {}  # setting -> (value, member, table)
     for mid in sorted(configs):
         for split in ("val", "test", "oof"):
-            name = table_name(mid, split)
+            name = prediction_table_name(mid, split)
             if not store.has_table(name):
                 continue
             where = store.path(store.table_rel(name))
@@ -122,12 +127,11 @@ def _check_predict_settings(store: Store, configs: dict[str, dict], cfg) -> None
     """A config other than the one `radpath predict` used would give other numbers than the fused
     rows: refused here, naming the setting and the table, rather than found out later."""
     from radpath_fs.predict import predict_settings
-    from radpath_fs.predictions import table_name
 
     for mid in sorted(configs):
         wanted = predict_settings(cfg, configs[mid])
         for split in ("val", "test", "oof"):
-            name = table_name(mid, split)
+            name = prediction_table_name(mid, split)
             if not store.has_table(name):
                 continue
             where = store.path(store.table_rel(name))
@@ -161,7 +165,7 @@ def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
     if attrs is None:
         raise StoreError(f"{store.path(TILES)}: no complete tile group of the members' training cases; "
                          "the tile recipe cannot be read")
-    tiled = (sorted(set(store.read_table("tiles")["magnification"].astype(float))) if store.has_table("tiles")
+    tiled = (sorted(set(store.read_table(TILES_TABLE)["magnification"].astype(float))) if store.has_table(TILES_TABLE)
              else list(cfg.tile.magnifications))
     chain = sorted({m for m in [*tiled, *mags] if m >= min(mags)}, reverse=True)
     level = {"jpeg": "jpeg_quality", "zstd": "zstd_level"}[attrs["codec"]]
@@ -196,12 +200,12 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     first = configs[0]
     embed = dict(first["embed"])
     record = {"id": eid, "name": embed["name"], "weights_hash": first["embedder"]["weights_hash"],
-              "seed": embed["seed"], "embed": embed, "file": f"embedders/{eid}/{EMBEDDER_FILE}", "transform": {}}
+              "seed": embed["seed"], "embed": embed, "file": f"{BUNDLE_EMBEDDERS}/{eid}/{MODEL_WEIGHTS}", "transform": {}}
     for c in configs:
         mk = mag_key(float(c["magnification"]))
         trained_on = c["embedding_transform"]
         if record["transform"].setdefault(mk, trained_on) != trained_on:
-            raise StoreError(f"{store.path('models', c['model_id'], 'config.json')}: trained on embeddings made "
+            raise StoreError(f"{store.path(model_config_path(c['model_id']))}: trained on embeddings made "
                              f"with transform {trained_on} at {mk}x, another member model on "
                              f"{record['transform'][mk]} (the store was embedded again between them); retrain "
                              "them with `radpath train-wsi`")
@@ -281,7 +285,7 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
                 entry["mode"] = cfgs[chosen[0]]["mode"]
             else:
                 for i in chosen:
-                    check_preprocess_version(store.path("models", i, "config.json"), cfgs[i])
+                    check_preprocess_version(store.path(model_config_path(i)), cfgs[i])
                 mri = cfgs[chosen[0]]["mri"]
                 entry["mri"] = {"preprocess_version": cfgs[chosen[0]]["preprocess_version"], "modalities": mri["modalities"],
                                 "spatial_size": mri["spatial_size"], "network": mri["network"]}
@@ -290,15 +294,15 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
         cfg = config or _recorded_config(store, wsi, owners)
         _check_predict_settings(store, wsi, cfg)
         for mid in sorted(configs):
-            (tmp / "models" / mid).mkdir(parents=True)
+            (tmp / MODELS / mid).mkdir(parents=True)
             for fname in MODEL_FILES:
-                (tmp / "models" / mid / fname).write_bytes(store.fs.cat_file(store.path("models", mid, fname)))
+                (tmp / "models" / mid / fname).write_bytes(store.fs.cat_file(store.path(MODELS, mid, fname)))
         embedders = {}
         for eid in sorted({c["embedder"]["id"] for c in wsi.values() if c["mode"] == "head"}):
             group = [{**c, "model_id": i} for i, c in sorted(wsi.items())
                      if c["mode"] == "head" and c["embedder"]["id"] == eid]
             embedders[eid] = _embedder_record(store, eid, group, tmp)
-        (tmp / "store.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION, "kind": "bundle"}))
+        (tmp / STORE_JSON).write_text(json.dumps({"layout_version": LAYOUT_VERSION, "kind": "bundle"}))
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         spec = {

@@ -23,13 +23,11 @@ from pathlib import Path
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import InputError, StoreError
+from radpath_fs.layout import BUNDLE_JSON
 from radpath_fs.weights import sha256_file
 
-BUNDLE_JSON = "bundle.json"
 FORMAT = "radpath-bundle"
 FORMAT_VERSION = 2  # the layout of bundle.json; `read_bundle` refuses any other (re-export the bundle)
-MODEL_FILES = ("model.safetensors", "config.json")
-EMBEDDER_FILE = "model.safetensors"
 
 
 def read_bundle(bundle: str | Path) -> dict:

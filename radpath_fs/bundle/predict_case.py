@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from radpath_fs import CLASSES, MODALITIES, __version__
-from radpath_fs.bundle.format import BUNDLE_JSON, check_preprocess_version, read_bundle
+from radpath_fs.bundle.format import check_preprocess_version, read_bundle
 from radpath_fs.errors import InputError, RadpathError, StoreError
+from radpath_fs.layout import BUNDLE_JSON, model_config_path
 from radpath_fs.progress import info, warn
 from radpath_fs.store import Store, check_name, mag_key
 
@@ -176,7 +177,7 @@ def _mri_probabilities(bstore: Store, members: list[dict], case: CaseFiles, devi
     for member in members:
         for mid in member["model_ids"]:
             state, config = load_checkpoint(bstore, mid)
-            mcfg = validate_stored(MRITrainConfig, config["mri"], f"{bstore.path('models', mid, 'config.json')}: mri")
+            mcfg = validate_stored(MRITrainConfig, config["mri"], f"{bstore.path(model_config_path(mid))}: mri")
             key = json.dumps([mcfg.modalities, list(mcfg.spatial_size)])
             if key not in volumes:
                 volumes[key] = preprocess_case({m: case.mri[m] for m in mcfg.modalities}, mcfg, case.case_id)[0]
@@ -213,7 +214,7 @@ def predict_case(bundle: str | Path, case_dir: str | Path, device: str = "auto",
         warn(f"{bundle / BUNDLE_JSON}: exported by radpath_fs {spec.get('radpath_fs_version')}, this is {__version__}; "
              "its tiling, embedding or preprocessing may have changed since, and the numbers with it")
     for mid in (i for m in mri for i in m["model_ids"]):
-        check_preprocess_version(bstore.path("models", mid, "config.json"), bstore.read_json(f"models/{mid}/config.json"),
+        check_preprocess_version(bstore.path(model_config_path(mid)), bstore.read_json(model_config_path(mid)),
                                   then=", then export the bundle again")
     modalities = sorted({x for m in mri for x in m["mri"]["modalities"]}, key=list(MODALITIES).index)
     case = find_case(case_dir, modalities)

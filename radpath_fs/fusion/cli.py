@@ -19,11 +19,9 @@ import pyarrow.parquet as pq
 from radpath_fs import CLASSES
 from radpath_fs.fusion.ablations import plan, predictions_frame, results_frame, run_ablations
 from radpath_fs.fusion.io import load_fusion_data
+from radpath_fs.layout import ENSEMBLE_PREDICTIONS_TABLE, ENSEMBLES_TABLE
 from radpath_fs.metrics import METRICS
 from radpath_fs.progress import info, progress_bar, warn
-
-ENSEMBLES = "ensembles"
-ENSEMBLE_PREDICTIONS = "ensemble_predictions"
 
 
 def _metric_fields(prefix: str) -> list[pa.Field]:
@@ -199,16 +197,16 @@ def fuse_store(store_url, cfg, ablations: bool = False, plots: Path | None = Non
         fused = pa.Table.from_pandas(
             predictions_frame(results), schema=ENSEMBLE_PREDICTIONS_SCHEMA, preserve_index=False
         )
-        _merge_write(store, ENSEMBLES, ensembles, "id", latest_only="primary")
-        _merge_write(store, ENSEMBLE_PREDICTIONS, fused, "ensemble_id")
+        _merge_write(store, ENSEMBLES_TABLE, ensembles, "id", latest_only="primary")
+        _merge_write(store, ENSEMBLE_PREDICTIONS_TABLE, fused, "ensemble_id")
     primary = next(r for r in results if r.experiment.primary)
     for split, missing in primary.missing.items():
         if missing:
             warn(f"{missing} {split} case(s) lack a prediction from some member: not fused")
     print_results(table, len(data.oof.case_ids), cfg.outer_folds, cfg.confidence)
     info(
-        f"wrote {len(table)} experiment(s) to {store.path(store.table_rel(ENSEMBLES))} and fused predictions to "
-        f"{store.path(store.table_rel(ENSEMBLE_PREDICTIONS))}; primary: {primary.id}"
+        f"wrote {len(table)} experiment(s) to {store.path(store.table_rel(ENSEMBLES_TABLE))} and fused predictions to "
+        f"{store.path(store.table_rel(ENSEMBLE_PREDICTIONS_TABLE))}; primary: {primary.id}"
     )
     if plots is not None:
         for path in write_plots(primary, Path(plots)):

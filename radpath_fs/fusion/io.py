@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from radpath_fs import CLASSES
 from radpath_fs.errors import InputError
+from radpath_fs.layout import PREDICTIONS, TABLES
 from radpath_fs.metrics import encode_labels
 from radpath_fs.predictions import PROBS, REQUIRED, SCHEMA, SPLITS
 from radpath_fs.progress import warn
@@ -69,10 +70,10 @@ def _normalise(table: pa.Table, files: pa.Array | list[str]) -> pa.Table:
 
 def read_prediction_files(store) -> pd.DataFrame:
     """Every table under `tables/predictions/`, schema-checked file by file, with a `_file` column."""
-    names = store.list_tables("predictions")
+    names = store.list_tables(PREDICTIONS)
     if not names:
         raise InputError(
-            store.path("tables", "predictions"), "no prediction tables; run `radpath predict` first"
+            store.path(TABLES, PREDICTIONS), "no prediction tables; run `radpath predict` first"
         )
     parts = []
     for name in names:

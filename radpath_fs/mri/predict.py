@@ -14,9 +14,9 @@ import torch
 from radpath_fs.config import MRITrainConfig, PipelineConfig, validate_stored
 from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.folds import default_splits, split_cases
+from radpath_fs.layout import MRI_ERRORS_TABLE, model_config_path, model_dir
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader, volume_bytes
 from radpath_fs.mri.preprocess import (
-    MRI_ERRORS,
     PREPROCESS_VERSION,
     is_cached,
     preprocess_cases,
@@ -53,14 +53,14 @@ def predict_mri(
     store = store if isinstance(store, Store) else Store(store)
     state, config = load_checkpoint(store, model_id)
     if config.get("modality") != "mri":
-        raise RadpathError(f"{store.path('models', model_id)}: modality {config.get('modality')!r}, not an MRI model")
+        raise RadpathError(f"{store.path(model_dir(model_id))}: modality {config.get('modality')!r}, not an MRI model")
     made_with = config.get("preprocess_version")
     if made_with != PREPROCESS_VERSION:
         raise StoreError(
-            f"{store.path('models', model_id)}: trained on MRI preprocessing version {made_with}, and this "
+            f"{store.path(model_dir(model_id))}: trained on MRI preprocessing version {made_with}, and this "
             f"radpath_fs preprocesses with version {PREPROCESS_VERSION}; retrain it with `radpath train-mri`"
         )
-    mcfg = validate_stored(MRITrainConfig, config["mri"], f"{store.path('models', model_id, 'config.json')}: mri")
+    mcfg = validate_stored(MRITrainConfig, config["mri"], f"{store.path(model_config_path(model_id))}: mri")
     fold, snapshot = int(config["fold"]), int(config["snapshot"])
     cases = store.cases()
     wanted = default_splits(cases, fold, "mri") if splits is None else list(splits)
@@ -75,7 +75,7 @@ def predict_mri(
         rows = split_cases(cases, split, fold, config.get("train_cases"), modality="mri", model_id=model_id)
         left_out = sorted(set(rows["case_id"]) & skipped)
         if left_out:
-            warn(f"{model_id} {split}: {len(left_out)} case(s) listed in {store.path('tables', MRI_ERRORS + '.parquet')} "
+            warn(f"{model_id} {split}: {len(left_out)} case(s) listed in {store.path(store.table_rel(MRI_ERRORS_TABLE))} "
                  f"get no row: {', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''}")
             rows = rows[~rows["case_id"].isin(skipped)]
         if rows.empty:

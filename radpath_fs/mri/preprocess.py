@@ -22,13 +22,11 @@ import pandas as pd
 
 from radpath_fs.config import MRITrainConfig
 from radpath_fs.errors import BatchErrors, InputError, RadpathError
+from radpath_fs.layout import COMPLETE, MRI_ERRORS_TABLE, MRI_ZARR
 from radpath_fs.progress import info, warn
 from radpath_fs.scheduler import map_tasks
-from radpath_fs.store import COMPLETE, Store, check_name
+from radpath_fs.store import Store, check_name
 
-MRI_ZARR = "mri.zarr"
-# Cases a --skip-errors run could not preprocess: case_id, path, error (tables/mri_errors.parquet).
-MRI_ERRORS = "mri_errors"
 # Voxel grids agree when their affines agree to this many millimetres (header float noise only).
 AFFINE_TOLERANCE_MM = 1e-3
 # Bump when the deterministic transforms change: cached volumes of another version are redone.
@@ -276,7 +274,7 @@ def _preprocess_task(item: tuple[str, dict], *, store_url: str, mcfg: MRITrainCo
 
 def recorded_errors(store: Store) -> set[str]:
     """Ids of the cases a --skip-errors run listed in tables/mri_errors.parquet."""
-    return set(store.read_table(MRI_ERRORS)["case_id"]) if store.has_table(MRI_ERRORS) else set()
+    return set(store.read_table(MRI_ERRORS_TABLE)["case_id"]) if store.has_table(MRI_ERRORS_TABLE) else set()
 
 
 def modality_paths(row: dict, mcfg: MRITrainConfig) -> dict[str, str | None]:
@@ -313,7 +311,7 @@ def preprocess_cases(
     if errors and not skip_errors:
         raise errors[0] if len(errors) == 1 else BatchErrors(errors)
     if skip_errors:
-        store.write_table(MRI_ERRORS, pd.DataFrame(
+        store.write_table(MRI_ERRORS_TABLE, pd.DataFrame(
             {"case_id": list(bad), "path": [e.path for e in errors], "error": [str(e) for e in errors]},
             dtype="string"))
         for e in errors:

@@ -19,9 +19,10 @@ import torch
 from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig
 from radpath_fs.embedders import embedder_id
+from radpath_fs.layout import history_path
 from radpath_fs.mil import train_wsi
 from radpath_fs.store import Store
-from radpath_fs.training import history_path, wsi_run_id
+from radpath_fs.training import wsi_run_id
 
 CASES, EPOCHS, L, FOLDS = 221, 50, 1280, 5
 

@@ -54,7 +54,7 @@ DEFAULTS = dict(
 def synthetic_tiles(n: int, tile_size: int, seed: int = 0, pool: int = 16) -> np.ndarray:
     """n tissue-like uint8 tiles: smooth stain fields, grain and about a third of flat background.
 
-    Tuned so zstd level 1 compresses them ~1.5x, as it does real H&E tiles (DESIGN.md: 1.48x).
+    Tuned so zstd level 1 compresses them ~1.5x, as it does real H&E tiles (1.48x).
     """
     import torch
 

@@ -108,7 +108,7 @@ def _sync(device) -> None:
 
 
 def _bare(sizes: dict, device) -> dict:
-    """The training step alone on device tensors (what the DESIGN.md ceiling measures)."""
+    """The training step alone on device tensors (what the ceiling measures)."""
     import torch
 
     from radpath_fs.embedders import create_embedder, embedding_width

@@ -5,7 +5,7 @@ zstd finds about as little to squeeze as in real z-scored MRI) into a temporary 
 through the same writer as `radpath train-mri`, then measures in one process:
 
   bare            `train_step` alone on device-resident tensors (bf16 autocast; with and without
-                  channels_last_3d on CUDA): the ceiling (DESIGN.md: 34.8 volumes/s on an H200)
+                  channels_last_3d on CUDA): the ceiling (34.8 volumes/s measured on an H200)
   loader_<mode>   the training input pipeline alone, no model: mri.zarr read + decode + the random
                   zoom/rotation/elastic transforms (in loader workers, or on the device)
   train_<mode>    `train_mri` itself (fold -1, `epochs` epochs): training volumes/s of the epochs
@@ -66,13 +66,14 @@ def build_store(root: Path, cfg, n: int, seed: int):
     import pandas as pd
 
     from radpath_fs import CLASSES, MODALITIES
+    from radpath_fs.layout import MRI_ZARR
     from radpath_fs.mri.preprocess import PREPROCESS_VERSION, write_cached
     from radpath_fs.store import Store
 
     store = Store(root, create=True)
     rng = np.random.default_rng(seed)
     rows = []
-    store.open_zarr("mri.zarr", mode="a")
+    store.open_zarr(MRI_ZARR, mode="a")
     for i in range(n):
         cid = f"BENCH{i:04d}"
         rows.append({
@@ -198,9 +199,10 @@ def run(out_dir: Path, device: str = "cuda", **sizes) -> dict:
     import torch
 
     from radpath_fs.config import PipelineConfig
+    from radpath_fs.layout import MRI_ZARR, history_path
     from radpath_fs.mri import train_mri
     from radpath_fs.mri.data import default_workers
-    from radpath_fs.training import history_path, resolve_device
+    from radpath_fs.training import resolve_device
 
     os.environ.setdefault("RADPATH_PROGRESS", "0")
     unknown = set(sizes) - set(DEFAULTS)
@@ -249,7 +251,7 @@ def run(out_dir: Path, device: str = "cuda", **sizes) -> dict:
         store = build_store(Path(tmp) / "store", cfg0, p["cases"], p["seed"])
         result["write_cache_s"] = time.perf_counter() - t0
         result["cache_bytes_per_volume"] = sum(
-            f.stat().st_size for f in (Path(tmp) / "store" / "mri.zarr").rglob("*") if f.is_file() and f.name != "zarr.json"
+            f.stat().st_size for f in (Path(tmp) / "store" / MRI_ZARR).rglob("*") if f.is_file() and f.name != "zarr.json"
         ) / p["cases"]
         for mode in modes:
             cfg = cfg0.model_copy(update={"mri": cfg0.mri.model_copy(update={"augment_on": mode})})
