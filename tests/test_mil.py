@@ -509,11 +509,11 @@ def test_real_chain_synth_tile_embed_train_predict(chain_reference, tmp_path):
     shutil.copytree(reference.root, tmp_path / "store")
     store = Store(tmp_path / "store")
     cfg = CHAIN
-    model_id = f"wsi-mag20-fold0-e{cfg.wsi.epochs - 1}"
+    model_id, at5 = (f"wsi-mag{mag}-fold0-e{cfg.wsi.epochs - 1}" for mag in (20, 5))
     assert pending_predictions(store) == []
-    assert train_wsi(store.url, cfg, 5, 0, device="cpu") == [f"wsi-mag5-fold0-e{cfg.wsi.epochs - 1}"]
-    assert pending_predictions(store) == [f"wsi-mag5-fold0-e{cfg.wsi.epochs - 1}"]
-    predict_models(store.url, cfg, pending_predictions(store), None, device="cpu")
+    assert train_wsi(store.url, cfg, 5, 0, device="cpu") == [at5]
+    assert pending_predictions(store) == [at5]
+    predict_models(store.url, cfg, [at5], None, device="cpu")
     assert pending_predictions(store) == []
     cases = store.cases()
     oof = store.read_table(f"predictions/{model_id}--oof")
