@@ -1,10 +1,11 @@
 """The real chain on a tiny synthetic cohort, on any store URL, and a file-by-file store comparison.
 
-`run_chain` takes a cohort written by `radpath synth` through ingest -> tile -> embed -> train-wsi
-(head mode) -> predict; `assert_same_store` proves two stores hold the same arrays (chunk and
-shard bytes), tables and models (weight bytes). Used by the remote-store and cluster tests (the
-same run on another filesystem or under another scheduler must build the same store) and by the
-fault-injection tests (a killed and rerun command must build the uninterrupted store).
+`run_chain` takes a cohort written by `radpath synth` (`synth_data`) through ingest -> tile -> embed
+-> train-wsi (head mode) -> predict, or through its first steps only: the one way the tests build a
+small ingested, tiled or embedded store. `assert_same_store` proves two stores hold the same arrays
+(chunk and shard bytes), tables and models (weight bytes). Used by the remote-store and cluster
+tests (the same run on another filesystem or under another scheduler must build the same store)
+and by the fault-injection tests (a killed and rerun command must build the uninterrupted store).
 """
 
 from __future__ import annotations
@@ -32,18 +33,23 @@ CHAIN = PipelineConfig.model_validate({
 VOLATILE = frozenset({"created", "seconds", "tiles_per_s"})
 
 
-def synth_data(root: Path, cases: int = 4, unlabelled: int = 1, seed: int = 3) -> Path:
-    """A CPM-RadPath-layout cohort of small slides (and tiny MRI, unused here)."""
+def synth_data(root: Path, cases: int = 4, unlabelled: int = 1, seed: int = 3, wsi_size=(768, 512),
+               mri_size=(8, 8, 8)) -> Path:
+    """A CPM-RadPath-layout cohort of small balanced slides (and tiny MRI)."""
     from radpath_fs.synth import synth_cohort
 
-    synth_cohort(root, SynthConfig(cases=cases, unlabelled=unlabelled, seed=seed, wsi_size=(768, 512),
-                                   mri_size=(8, 8, 8), class_proportions={"A": 1, "O": 1, "G": 1}))
+    synth_cohort(root, SynthConfig(cases=cases, unlabelled=unlabelled, seed=seed, wsi_size=wsi_size,
+                                   mri_size=mri_size, class_proportions={"A": 1, "O": 1, "G": 1}))
     return root
 
 
-def run_chain(url: str, data: Path, cfg: PipelineConfig = CHAIN, *, scheduler: str = "sync",
-              embed_scheduler: str | None = None, folds: int = 2) -> Store:
-    """ingest -> tile -> embed (under `scheduler`) -> train-wsi head at 20x, fold 0 -> predict."""
+STEPS = ("ingest", "tile", "embed", "train", "predict")
+
+
+def run_chain(url: str, data: Path, cfg: PipelineConfig = CHAIN, *, through: str = "predict",
+              scheduler: str = "sync", embed_scheduler: str | None = None, folds: int = 2) -> Store:
+    """The cohort in `data` through ingest -> tile -> embed (under `scheduler`) -> train-wsi at 20x,
+    fold 0 -> predict, stopping after step `through`."""
     from radpath_fs.cohort import ingest
     from radpath_fs.config import IngestConfig
     from radpath_fs.embed import embed_store
@@ -51,13 +57,20 @@ def run_chain(url: str, data: Path, cfg: PipelineConfig = CHAIN, *, scheduler: s
     from radpath_fs.predict import pending_predictions, predict_models
     from radpath_fs.wsi import tile_store
 
-    ingest(url, data, data / "labels.csv", IngestConfig(folds=folds))
-    tile_store(url, cfg.tile, scheduler=scheduler)
-    embed_store(url, cfg.embed, device="cpu", scheduler=embed_scheduler or scheduler)
-    train_wsi(url, cfg, 20, 0, device="cpu")
-    store = Store(url)
-    predict_models(store, cfg, pending_predictions(store), None, device="cpu")
-    return store
+    def predict():
+        store = Store(url)
+        predict_models(store, cfg, pending_predictions(store), None, device="cpu")
+
+    steps = {
+        "ingest": lambda: ingest(url, data, data / "labels.csv", IngestConfig(folds=folds)),
+        "tile": lambda: tile_store(url, cfg.tile, scheduler=scheduler),
+        "embed": lambda: embed_store(url, cfg.embed, device="cpu", scheduler=embed_scheduler or scheduler),
+        "train": lambda: train_wsi(url, cfg, 20, 0, device="cpu"),
+        "predict": predict,
+    }
+    for step in STEPS[: STEPS.index(through) + 1]:
+        steps[step]()
+    return Store(url)
 
 
 def store_files(store: Store) -> dict[str, str]:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import typer
+from chain_data import run_chain
 from fusion_data import simulate_tables
 from test_ingest import make_cohort, snapshot, write_slide, write_volume
 from test_mri import _affine, _nan
@@ -30,7 +31,6 @@ from radpath_fs.config import IngestConfig, PredictConfig, TileConfig, load_conf
 from radpath_fs.layout import LOCK_NAME, MRI_ZARR, TILES, model_config_path, prediction_table_name
 from radpath_fs.predictions import write_predictions
 from radpath_fs.store import Store
-from radpath_fs.wsi import tile_store
 
 TILE_YAML = "tile:\n  tile_size: 128\n  magnifications: [20, 10]\n"
 # Small enough that a check that wrongly lets a case through trains in seconds, not hours.
@@ -235,9 +235,8 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     """A cohort (make_cohort: 8 cases, slides and MRI) ingested into a store and tiled."""
     root = tmp_path_factory.mktemp("base")
     make_cohort(root / "data")
-    ingest(str(root / "store"), root / "data", root / "data" / "labels.csv", IngestConfig(folds=2))
     (root / "tile.yaml").write_text(TILE_YAML)
-    tile_store(str(root / "store"), load_config(root / "tile.yaml").tile)
+    run_chain(str(root / "store"), root / "data", load_config(root / "tile.yaml"), through="tile", folds=2)
     return root / "data", root / "store"
 
 

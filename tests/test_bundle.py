@@ -1,5 +1,5 @@
 """Off-the-shelf prediction: `radpath bundle export` then `radpath predict-case` on an unlabelled
-synthetic case gives the class and probabilities that `radpath predict` + `radpath fuse` gave for
+case of the session's finished demo run gives the class and probabilities that `radpath predict` + `radpath fuse` gave for
 it, writes nothing to the store, and bad bundles or case folders fail with one clear message."""
 
 import hashlib
@@ -20,11 +20,10 @@ from radpath_fs.bundle.export import export_bundle
 from radpath_fs.bundle.format import BUNDLE_JSON, read_bundle
 from radpath_fs.bundle.predict_case import predict_case
 from radpath_fs.cli import app
-from radpath_fs.config import load_config
+from radpath_fs.config import PredictConfig
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
 from radpath_fs.layout import model_config_path, prediction_table_name
 from radpath_fs.normstats import normalization_stats
-from radpath_fs.pipeline import run_pipeline
 from radpath_fs.predict import PREDICT_METADATA, predict_settings
 from radpath_fs.predictions import SCHEMA
 from radpath_fs.store import Store, mag_key
@@ -34,32 +33,14 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(finished, tmp_path_factory):
+    """The session's finished demo run and the bundle of its primary ensemble."""
     tmp = tmp_path_factory.mktemp("bundle")
-    pipeline = {
-        "name": "bundle", "seed": 0, "store": str(tmp / "store"), "device": "cpu",
-        "data": {"root": str(tmp / "data"),
-                 "synth": {"cases": 12, "seed": 1, "wsi_size": [2048, 1536], "mri_size": [32, 32, 24],
-                           "unlabelled": 2}},
-        "ingest": {"folds": 3, "skip_errors": True},
-        "tile": {"magnifications": [20, 10]},
-        "embed": {"name": "mobilenetv3_small_050", "weights": "random", "batch_size": 32},
-        "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 4, "snapshots": [-1, -2], "lr": 1e-3},
-        "predict": {"repeats": 3, "tiles_per_slide": 8},
-        "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,
-                "block_config": [1, 1, 1], "epochs": 2, "snapshots": [-1, -2], "batch_size": 3},
-        "fusion": {"method": "prune", "prune": 2, "bootstrap": 20, "ablations": True},
-        "report": {"cases_shown": 0},
-    }
-    path = tmp / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(pipeline))
-    cfg = load_config(path)
-    run_pipeline(cfg)
-    store = Store(cfg.store)
+    cfg, store = finished.cfg, finished.store
     before = _snapshot(Path(cfg.store))
     bundle = export_bundle(cfg.store, None, tmp / "bundle", config=cfg)
     assert _snapshot(Path(cfg.store)) == before  # export only reads the store
-    return tmp, path, cfg, store, bundle
+    return tmp, finished.config, cfg, store, bundle
 
 
 def _snapshot(root: Path) -> dict:
@@ -109,7 +90,8 @@ def test_bundle_holds_the_primary_ensemble(built):
     assert [m["name"] for m in spec["members"]] == list(primary["members"])
     np.testing.assert_allclose([m["weight"] for m in spec["members"]], primary["weights"])
     for m in spec["members"]:
-        assert m["folds"] == [0, 1, 2] and len(m["model_ids"]) == 3  # no fold -1 model: the folds' mean
+        folds = list(range(cfg.ingest.folds))  # no fold -1 model: the folds' mean
+        assert m["folds"] == folds and len(m["model_ids"]) == len(folds)
         for mid in m["model_ids"]:
             assert (bundle / "models" / mid / "model.safetensors").is_file()
     assert spec["predict"]["repeats"] == cfg.predict.repeats and spec["seed"] == cfg.seed
@@ -121,7 +103,7 @@ def test_bundle_holds_the_primary_ensemble(built):
     assert spec["tile"]["magnifications"] == [m for m in (20.0, 10.0) if m >= min(mags)]
     assert spec["tile"]["tile_size"] == cfg.tile.tile_size
     (eid, embedder), = spec["embedders"].items()
-    assert embedder["name"] == "mobilenetv3_small_050" and embedder["seed"] == 0
+    assert embedder["name"] == cfg.embed.name and embedder["seed"] == cfg.embed.seed
     # Random weights are shipped too: rebuilt from name + seed elsewhere, they may differ.
     assert embedder["file"] == f"embedders/{eid}/model.safetensors"
     assert spec["files"][embedder["file"]]["sha256"] == embedder["sha256"]
@@ -325,7 +307,8 @@ def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp
     table = store.path(store.table_rel(prediction_table_name(mid, "val")))
     recorded = json.loads(pq.read_schema(table).metadata[PREDICT_METADATA])
     assert recorded == predict_settings(cfg, store.read_json(model_config_path(mid)))
-    assert recorded == {"seed": 0, "repeats": 3, "tiles_per_slide": 8}  # head mode: no augmentation, no chunks
+    tiles, repeats = cfg.predict.tiles_per_slide, cfg.predict.repeats
+    assert recorded == {"seed": cfg.seed, "repeats": repeats, "tiles_per_slide": tiles}  # head mode: no augmentation, no chunks
     assert pq.read_table(table).schema.names[:len(SCHEMA)] == SCHEMA.names  # the contract's columns as they were
 
     def other(**settings):
@@ -333,7 +316,8 @@ def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp
         return cfg.model_copy(update={"seed": settings.get("seed", cfg.seed),
                                       "predict": cfg.predict.model_copy(update=predict)})
 
-    for settings, said in (({"tiles_per_slide": 16}, "predict.tiles_per_slide=8"), ({"seed": 5}, "seed=0")):
+    for settings, said in (({"tiles_per_slide": tiles + 1}, f"predict.tiles_per_slide={tiles}"),
+                           ({"seed": cfg.seed + 1}, f"seed={cfg.seed}")):
         with pytest.raises(ConfigError, match=said) as err:
             export_bundle(store.url, None, tmp_path / "x", config=other(**settings))
         assert "predictions/wsi-" in str(err.value) and not (tmp_path / "x").exists()
@@ -391,12 +375,15 @@ def test_cli_export_without_config_takes_what_the_tables_record(built, tmp_path)
     assert r.exit_code == 0, r.output
     spec, ref = read_bundle(tmp_path / "b"), read_bundle(bundle)
     assert spec["seed"] == ref["seed"] == cfg.seed and spec["predict"] == ref["predict"]
-    assert (spec["predict"]["repeats"], spec["predict"]["tiles_per_slide"]) == (3, 8)  # the pipeline's, not the defaults
+    predict = cfg.predict
+    assert predict.repeats != PredictConfig().repeats  # so that the pipeline's are told from the defaults
+    assert (spec["predict"]["repeats"], spec["predict"]["tiles_per_slide"]) == (predict.repeats, predict.tiles_per_slide)
     # --config stays an override, and one that disagrees with the tables is refused.
     other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump({**yaml.safe_load(pipeline.read_text()), "predict": {"repeats": 3, "tiles_per_slide": 16}}))
+    other.write_text(yaml.safe_dump({**yaml.safe_load(pipeline.read_text()),
+                                     "predict": {"repeats": predict.repeats, "tiles_per_slide": predict.tiles_per_slide + 1}}))
     r = CliRunner().invoke(app, ["bundle", "export", "--store", store.url, "--out", str(tmp_path / "c"), "--config", str(other)])
-    assert "predict.tiles_per_slide=8" in _one_error(r) and not (tmp_path / "c").exists()
+    assert f"predict.tiles_per_slide={predict.tiles_per_slide}" in _one_error(r) and not (tmp_path / "c").exists()
     assert _snapshot(Path(store.url)) == before
 
 
@@ -410,11 +397,13 @@ def test_members_whose_tables_disagree_are_an_error_naming_them(built, tmp_path)
     changed = min(mid for mid in owner if owner[mid] != owner[first])
     path = copy.path(copy.table_rel(prediction_table_name(changed, "val")))
     table = pq.read_table(path)
-    settings = json.loads(table.schema.metadata[PREDICT_METADATA]) | {"tiles_per_slide": 16}
+    recorded = json.loads(table.schema.metadata[PREDICT_METADATA])
+    settings = recorded | {"tiles_per_slide": recorded["tiles_per_slide"] + 1}
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, PREDICT_METADATA: json.dumps(settings)}), path)
     before = _snapshot(tmp_path / "store")
     r = CliRunner().invoke(app, ["bundle", "export", "--store", copy.url, "--ensemble", "all", "--out", str(tmp_path / "x")])
     line = _one_error(r)
-    assert f"members {owner[first]} and {owner[changed]}" in line and "tiles_per_slide=8" in line and "16" in line
+    assert f"members {owner[first]} and {owner[changed]}" in line
+    assert f"tiles_per_slide={recorded['tiles_per_slide']}" in line and str(settings["tiles_per_slide"]) in line
     assert f"{changed}--val" in line
     assert not (tmp_path / "x").exists() and _snapshot(tmp_path / "store") == before

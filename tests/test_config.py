@@ -3,9 +3,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_ingest import snapshot
+from typer.testing import CliRunner
 
+from radpath_fs.cli import app
 from radpath_fs.config import PipelineConfig, load_config, parse_config
 from radpath_fs.errors import ConfigError
+from radpath_fs.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,11 +73,23 @@ def test_config_errors_name_the_key(data, key, words):
     assert f"my.yaml: {key}" in msg and words in msg
 
 
-def test_yaml_is_safe_loaded(tmp_path):
-    bad = tmp_path / "evil.yaml"
-    bad.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:builtins.open",
+                                 "!!python/name:os.system"])
+def test_yaml_is_safe_loaded(tmp_path, tag):
+    """A `!!python/...` tag builds no Python object: loading the file, and every command that reads
+    a config, stops at it with one error naming the file and leaves the store as it was."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"seed: {tag} ['touch {marker}']\n" if "name:" not in tag else f"seed: {tag}\n")
     with pytest.raises(ConfigError, match="evil.yaml: not valid YAML"):
-        load_config(bad)
+        load_config(evil)
+    st = Store(tmp_path / "store", create=True)
+    before = snapshot(tmp_path / "store")
+    for argv in (["run", evil], ["tile", "--store", st.root, "--config", evil]):
+        r = CliRunner().invoke(app, [str(a) for a in argv])
+        assert r.exit_code == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.output, r.output
+        assert f"{evil}: not valid YAML" in r.stderr and "python/" in r.stderr, r.stderr
+    assert not marker.exists() and snapshot(tmp_path / "store") == before
 
 
 def test_not_a_mapping_and_missing_file(tmp_path):

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from chain_data import assert_same_store as compare_stores
-from chain_data import without_columns
+from chain_data import run_chain, synth_data, without_columns
 
 from radpath_fs.layout import (
     CASES_TABLE,
@@ -285,15 +285,10 @@ class Chain:
     """The reference store, taken through the commands in order, and the faulted copies."""
 
     def __init__(self, root: Path):
-        from radpath_fs.cohort import ingest
-        from radpath_fs.config import IngestConfig, SynthConfig
-        from radpath_fs.synth import synth_cohort
-
         self.root = root
-        synth_cohort(root / "data", SynthConfig(cases=6, unlabelled=1, seed=3, wsi_size=(2048, 1536),
-                                                mri_size=(24, 24, 20), class_proportions={"A": 1, "O": 1, "G": 1}))
+        data = synth_data(root / "data", cases=6, unlabelled=1, seed=3, wsi_size=(2048, 1536), mri_size=(24, 24, 20))
         self.ref = root / "reference"
-        ingest(str(self.ref), root / "data", root / "data" / "labels.csv", IngestConfig(folds=2))
+        run_chain(str(self.ref), data, through="ingest", folds=2)
         self.config = root / "faults.yaml"
         self.config.write_text(yaml.safe_dump(CONFIG))
         self.refs: dict[str, Reference] = {}

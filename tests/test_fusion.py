@@ -116,6 +116,7 @@ def test_bootstrap_intervals_match_case_resampling():
     for m in fm.METRICS:
         assert s.low[m] < s.values[m] < s.high[m]
     assert fm.score(y, pred, n_boot=500, seed=0).low == s.low  # deterministic with a seed
+    assert fm.score(y, pred, n_boot=500, seed=1).low != s.low  # ... and the seed draws the resamples
     wide = fm.score(y[:30], pred[:30], n_boot=500, seed=0)
     m = "balanced_accuracy"
     assert wide.high[m] - wide.low[m] > s.high[m] - s.low[m]  # fewer cases, wider interval
@@ -175,6 +176,8 @@ def test_greedy_selection_prefers_skilled_members():
     bagged = GreedySelection(bags=10, random_state=0).fit(P, y)
     again = GreedySelection(bags=10, random_state=0).fit(P, y)
     assert np.array_equal(bagged.weights_, again.weights_)  # deterministic with a seed
+    other = GreedySelection(bags=10, random_state=1).fit(P, y)
+    assert not np.array_equal(bagged.weights_, other.weights_)  # ... and the seed draws the bags
     assert bagged.weights_.sum() == pytest.approx(1.0) and bagged.weights_[:2].sum() > 0.5
 
 
@@ -510,6 +513,8 @@ def test_fuse_is_deterministic(tmp_path):
     a = fuse_store(store.url, cfg).drop(columns=["created"])
     b = fuse_store(store.url, cfg).drop(columns=["created"])
     pd.testing.assert_frame_equal(a, b)
+    other = fuse_store(store.url, cfg.model_copy(update={"seed": 1})).drop(columns=["created"])
+    assert not other["weights"].equals(a["weights"])  # the seed draws the greedy bags
 
 
 def test_a_later_fuse_run_takes_primary_from_the_older_ones(tmp_path, capsys):

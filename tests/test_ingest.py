@@ -124,6 +124,8 @@ def test_folds_are_seeded(tmp_path):
     a = ingest(str(tmp_path / "s1"), data, labels, IngestConfig(folds=2, seed=5))
     b = ingest(str(tmp_path / "s2"), data, labels, IngestConfig(folds=2, seed=5))
     pd.testing.assert_frame_equal(a, b)
+    c = ingest(str(tmp_path / "s3"), data, labels, IngestConfig(folds=2, seed=6))
+    assert not c["fold"].equals(a["fold"])
 
 
 def _truncate(p: Path):

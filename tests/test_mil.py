@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
+from chain_data import CHAIN, run_chain, synth_data
 
 from radpath_fs import CLASSES
 from radpath_fs.config import PipelineConfig, TileConfig
@@ -22,6 +24,7 @@ from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.layout import (
     EMBEDDINGS,
     MODELS,
+    PREDICTIONS,
     RUNS,
     TILES,
     history_path,
@@ -248,7 +251,7 @@ def test_head_mode_learns_planted_signal_and_not_noise(planted):
 def test_head_mode_snapshots_and_model_config(planted):
     store, cfg = planted
     for epoch in cfg.wsi.snapshot_epochs():
-        config = store.read_json(f"models/wsi-mag20-fold0-e{epoch}/config.json")
+        config = store.read_json(model_config_path(f"wsi-mag20-fold0-e{epoch}"))
         assert config["modality"] == "wsi" and config["magnification"] == 20.0 and config["fold"] == 0
         assert config["snapshot"] == epoch and config["mode"] == "head"
         assert config["embedder"]["id"] == embedder_id(cfg.embed)
@@ -407,7 +410,7 @@ def test_a_fold_minus_one_model_has_no_out_of_fold_split(tmp_path):
     with pytest.raises(RadpathError, match=f"{model_id}: split oof: the model was trained on every fold"):
         predict_models(store, cfg, [model_id], ["oof"], device="cpu")
     predict_models(store, cfg, [model_id], None, device="cpu")
-    assert store.list_tables("predictions") == [f"predictions/{model_id}--val"]
+    assert store.list_tables(PREDICTIONS) == [prediction_table_name(model_id, "val")]
 
 
 # ---- finetune mode -----------------------------------------------------------------------------
@@ -464,6 +467,20 @@ def test_finetune_same_seed_same_bytes_and_resume_equals_uninterrupted(finetuned
     before = model_bytes(twin, "wsi-mag20-fold0-e7")
     train_wsi(twin, cfg, 20, 0, device="cpu")
     assert model_bytes(twin, "wsi-mag20-fold0-e7") == before
+    # Another seed trains another first epoch (stopped after it: the first loss tells them apart).
+    first = []
+
+    def stop_after_epoch_0(self, epoch, max_batches=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("stopped")
+        first.append(interrupted(self, epoch, max_batches))
+        return first[-1]
+
+    other, _ = tile_store(root / "other")
+    monkeypatch.setattr(WSITrainer, "train_epoch", stop_after_epoch_0)
+    with pytest.raises(KeyboardInterrupt):
+        train_wsi(other, cfg.model_copy(update={"seed": cfg.seed + 1}), 20, 0, device="cpu")
+    assert first[0]["loss"] != history(store, 20, 0)["loss"].iloc[0]
 
 
 def test_predict_finetune_model_augments_tile_by_tile(finetuned):
@@ -514,53 +531,31 @@ def test_cli_train_and_predict(planted, tmp_path):
 # ---- the real chain ----------------------------------------------------------------------------
 
 
-def synthetic_chain(root, cases: int, unlabelled: int, folds: int, embedder: str, mags=(20, 2.5), seed: int = 3,
-                    wsi_size=(2048, 1536), tile_size: int = 64) -> Store:
-    """A synthetic cohort taken through the real stage one: synth -> ingest -> tile -> embed."""
-    from radpath_fs.cohort import ingest
-    from radpath_fs.config import EmbedConfig, IngestConfig, SynthConfig
-    from radpath_fs.embed import embed_store
-    from radpath_fs.synth import synth_cohort
-    from radpath_fs.wsi import tile_store as tile_slides
-
-    synth_cohort(root / "data", SynthConfig(cases=cases, unlabelled=unlabelled, seed=seed, wsi_size=wsi_size,
-                                            mri_size=(16, 16, 16), class_proportions={"A": 1, "O": 1, "G": 1}))
-    url = str(root / "store")
-    ingest(url, root / "data", root / "data" / "labels.csv", IngestConfig(folds=folds))
-    tile_slides(url, TileConfig(tile_size=tile_size, magnifications=list(mags)))
-    embed_store(url, EmbedConfig(name=embedder, weights="random", input_size=tile_size, batch_size=128), device="cpu")
-    return Store(url)
-
-
-def test_real_chain_synth_tile_embed_train_predict(tmp_path):
-    """synth -> ingest -> tile -> embed -> train-wsi (head) -> predict on a small synthetic cohort:
-    every module's real output feeds the next, and the tables come out in the contract's shape.
-    (Accuracy on a synthetic cohort is asserted in the next test.)"""
-    from radpath_fs.config import EmbedConfig
-
-    store = synthetic_chain(tmp_path, cases=8, unlabelled=2, folds=2, embedder=EMBEDDER)
-    url = store.url
-    cfg = PipelineConfig.model_validate({
-        "embed": {"name": EMBEDDER, "weights": "random", "input_size": 64, "batch_size": 128},
-        "wsi": {"mode": "head", "epochs": 4, "snapshots": [-1], "lr": 1e-3},
-        "predict": {"repeats": 3},
-    })
-    cases = store.cases()
-    for mag in (20, 2.5):
-        assert train_wsi(url, cfg, mag, 0, device="cpu") == [f"wsi-mag{mag:g}-fold0-e3"]
-    todo = pending_predictions(store)
-    assert sorted(todo) == ["wsi-mag2.5-fold0-e3", "wsi-mag20-fold0-e3"]
-    predict_models(url, cfg, todo, None, device="cpu")
+def test_real_chain_synth_tile_embed_train_predict(chain_reference, tmp_path):
+    """synth -> ingest -> tile -> embed -> train-wsi (head) -> predict on a small synthetic cohort
+    (the session's chain store; another magnification trained on a copy): every module's real
+    output feeds the next, and the tables come out in the contract's shape. (Accuracy on a
+    synthetic cohort is asserted in the next test.)"""
+    _, reference = chain_reference
+    shutil.copytree(reference.root, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    cfg = CHAIN
+    model_id, at5 = (f"wsi-mag{mag}-fold0-e{cfg.wsi.epochs - 1}" for mag in (20, 5))
     assert pending_predictions(store) == []
-    oof = store.read_table(prediction_table_name("wsi-mag20-fold0-e3", "oof"))
-    val = store.read_table(prediction_table_name("wsi-mag20-fold0-e3", "val"))
+    assert train_wsi(store.url, cfg, 5, 0, device="cpu") == [at5]
+    assert pending_predictions(store) == [at5]
+    predict_models(store.url, cfg, [at5], None, device="cpu")
+    assert pending_predictions(store) == []
+    cases = store.cases()
+    oof = store.read_table(prediction_table_name(model_id, "oof"))
+    val = store.read_table(prediction_table_name(model_id, "val"))
     assert sorted(oof["case_id"]) == sorted(cases.loc[cases["label"].notna() & (cases["fold"] == 0), "case_id"])
     assert sorted(val["case_id"]) == sorted(cases.loc[cases["label"].isna(), "case_id"])
     tiles = store.read_table("tiles")
     per_case = tiles[tiles["magnification"] == 20].groupby("case_id").size()
     assert (oof.set_index("case_id")["tiles"] == per_case.loc[oof["case_id"]].to_numpy()).all()
-    config = store.read_json(model_config_path("wsi-mag20-fold0-e3"))
-    assert config["embedder"]["id"] == embedder_id(EmbedConfig(name=EMBEDDER, weights="random", input_size=64, batch_size=128))
+    config = store.read_json(model_config_path(model_id))
+    assert config["embedder"]["id"] == embedder_id(cfg.embed)
 
 
 def out_of_fold_balanced_accuracy(store: Store, cfg: PipelineConfig, mag: float, folds: int) -> tuple[float, int]:
@@ -588,6 +583,7 @@ def accuracy_head_config(embedder: str) -> PipelineConfig:
     paper's 221: a larger step than its 5e-5, whole bags of up to 200 tiles, and lighter dropout
     than 0.5."""
     return PipelineConfig.model_validate({
+        "tile": {"tile_size": 64, "magnifications": [20, 2.5]},
         "embed": {"name": embedder, "weights": "random", "input_size": 64, "batch_size": 128},
         "wsi": {"mode": "head", "epochs": 60, "snapshots": [-1], "lr": 1e-3, "tiles_per_slide": 200,
                 "head": {"dropout": 0.2}},
@@ -606,8 +602,9 @@ def test_head_mode_finds_the_class_at_20x_and_not_at_2_5x(tmp_path):
     and 2: 0.92/0.41, 0.96/0.37). Other random embedders at 2.5x: test_resnet 0.41, 0.38, 0.34
     (seeds 5, 1, 2; 0.62 on the generator before its coarse content was made class-independent),
     resnet18 0.34."""
-    store = synthetic_chain(tmp_path, cases=90, unlabelled=0, folds=3, embedder=ACCURACY_EMBEDDER, seed=5)
     cfg = accuracy_head_config(ACCURACY_EMBEDDER)
+    data = synth_data(tmp_path / "data", cases=90, unlabelled=0, seed=5, wsi_size=(2048, 1536), mri_size=(16, 16, 16))
+    store = run_chain(str(tmp_path / "store"), data, cfg, through="embed", folds=3)
     at20, n20 = out_of_fold_balanced_accuracy(store, cfg, 20, folds=3)
     at2_5, n2_5 = out_of_fold_balanced_accuracy(store, cfg, 2.5, folds=3)
     assert n20 == 90 and n2_5 >= 80, (n20, n2_5)  # 2.5x: a case may have no tissue tile at 256 µm

@@ -463,13 +463,17 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cohort, monk
     hb = pq.read_table(crashed.path(history_path("mri-all"))).to_pandas()
     assert list(ha["train_loss"]) == list(hb["train_loss"])
 
-    # Complete: a rerun trains nothing; --no-resume starts over from the same seed (same weights).
+    # Complete: a rerun trains nothing; --no-resume starts over from the same seed (same weights),
     stamp = store_snapshot(crashed)
     train_mri(crashed.url, cfg, fold=-1, device="cpu")
     assert store_snapshot(crashed) == stamp
     train_mri(crashed.url, cfg, fold=-1, device="cpu", resume=False)
     c, _ = load_checkpoint(crashed, "mri-all-e2")
     assert all(torch.equal(a[k], c[k]) for k in a)
+    other = new_store(tmp_path / "other", rows)  # ... and another seed, other weights
+    train_mri(other.url, cfg.model_copy(update={"seed": 1}), fold=-1, device="cpu")
+    d, _ = load_checkpoint(other, "mri-all-e2")
+    assert not all(torch.equal(a[k], d[k]) for k in a)
 
     # models/ holds the snapshots alone (what predict takes); the run's records are under runs/.
     assert sorted(p.name for p in Path(crashed.path(MODELS)).iterdir()) == ["mri-all-e2"]

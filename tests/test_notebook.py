@@ -1,4 +1,4 @@
-"""notebooks/ensemble_ablations.ipynb runs top to bottom on a prediction store, without torch."""
+"""notebooks/ensemble_ablations.ipynb runs top to bottom on the session's finished demo store, without torch."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import nbformat
-from fusion_data import make_prediction_store
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "ensemble_ablations.ipynb"
 
 
-def test_notebook_executes_without_torch(tmp_path, monkeypatch):
-    store = make_prediction_store(tmp_path / "store", n_cases=80, n_val=6, seed=4)
+def test_notebook_executes_without_torch(finished, tmp_path, monkeypatch):
+    store = finished.store
     monkeypatch.setenv("RADPATH_STORE", store.url)
     monkeypatch.setenv("RADPATH_BOOTSTRAP", "100")
     monkeypatch.setenv("RADPATH_PROGRESS", "0")
@@ -37,13 +36,16 @@ def test_notebook_executes_without_torch(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     heavy = json.loads(text.split("HEAVY=")[1].splitlines()[0])
     assert heavy == []
-    assert "10 candidates, 80 OOF cases" in text
+    cfg, cases = finished.cfg, store.cases()
+    candidates = len(cfg.wsi.magnifications) * len(cfg.wsi.snapshots) + len(cfg.mri.snapshots)
+    assert f"{candidates} candidates, {cases['label'].notna().sum()} OOF cases" in text
     pngs = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(pngs) == 3
     html = "".join(o.data.get("text/html", "") for o in outputs if o.output_type == "execute_result")
-    for experiment in ("wsi-mag2.5", "snapshot-last-10", "pruned", "selected", "stacked-lr"):
-        assert experiment in html
-    assert "VAL-0000" in html  # the unlabelled cases got fused predictions
+    for experiment in store.read_table("ensembles")["experiment"]:  # the ablations `radpath fuse` ran
+        assert experiment in html, experiment
+    unlabelled = cases.loc[cases["label"].isna(), "case_id"]
+    assert len(unlabelled) and all(c in html for c in unlabelled)  # the unlabelled cases got fused predictions
 
 
 def test_notebook_is_valid():

@@ -1,5 +1,5 @@
-"""`radpath run` end to end on a tiny synthetic cohort, the rerun that skips everything, and the report
-opened in headless Chromium (images must load; a screenshot is kept in artifacts/)."""
+"""`radpath run` end to end (the session's `finished` demo run), the rerun that skips everything, and
+the report opened in headless Chromium (images must load; a screenshot is kept in artifacts/)."""
 
 import json
 import re
@@ -8,50 +8,25 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from radpath_fs.config import load_config
 from radpath_fs.layout import REPORT_DIR, REPORT_INDEX, model_weights_path, prediction_table_name
 from radpath_fs.pipeline import run_pipeline
-from radpath_fs.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    pipeline = {
-        "name": "e2e",
-        "seed": 0,
-        "store": str(tmp / "store"),
-        "device": "cpu",
-        "data": {"root": str(tmp / "data"),
-                 "synth": {"cases": 15, "seed": 1, "wsi_size": [2048, 1536], "mri_size": [32, 32, 24], "unlabelled": 2}},
-        "ingest": {"folds": 3, "skip_errors": True},
-        "tile": {"magnifications": [20, 10]},
-        "embed": {"name": "mobilenetv3_small_050", "weights": "random", "batch_size": 32},
-        "wsi": {"mode": "head", "magnifications": [20, 10], "epochs": 6, "snapshots": [-1, -3], "lr": 1e-3},
-        "predict": {"repeats": 3},
-        "mri": {"spatial_size": [32, 32, 32], "network": "densenet121", "init_features": 8, "growth_rate": 4,
-                "block_config": [1, 1, 1], "epochs": 3, "snapshots": [-1, -2], "batch_size": 3},
-        "fusion": {"bootstrap": 50, "ablations": True},
-        "report": {"cases_shown": 2},
-    }
-    path = tmp / "e2e.yaml"
-    path.write_text(yaml.safe_dump(pipeline))
-    cfg = load_config(path)
-    first = run_pipeline(cfg)
-    return cfg, Store(cfg.store), first
+def run(finished):
+    return finished.cfg, finished.store, finished.timings
 
 
 def test_every_step_ran_and_wrote_its_outputs(run):
     cfg, store, timings = run
     for step in ("synth", "ingest", "tile", "embed", "predict", "fuse", "report"):
         assert step in timings, step
-    cases = store.cases()
-    assert len(cases) == 17 and cases["label"].isna().sum() == 2
+    cases, synth = store.cases(), cfg.data.synth
+    assert len(cases) == synth.cases + synth.unlabelled and cases["label"].isna().sum() == synth.unlabelled
     assert len(store.read_table("tiles")) > 0
     folds = sorted(cases.loc[cases["fold"] >= 0, "fold"].unique())
     for mag in cfg.wsi.magnifications:
@@ -62,12 +37,12 @@ def test_every_step_ran_and_wrote_its_outputs(run):
                 assert store.has_table(prediction_table_name(model_id, "oof"))
     for fold in folds:
         for epoch in cfg.mri.snapshot_epochs():
-            assert store.has_table(f"predictions/mri-fold{fold}-e{epoch}--oof")
-            assert store.has_table(f"predictions/mri-fold{fold}-e{epoch}--val")
+            assert store.has_table(prediction_table_name(f"mri-fold{fold}-e{epoch}", "oof"))
+            assert store.has_table(prediction_table_name(f"mri-fold{fold}-e{epoch}", "val"))
     ens = store.read_table("ensembles")
     assert ens["primary"].sum() == 1
     assert {"mri", "wsi", "all", "pruned", "selected", "stacked-lr"} <= set(ens["experiment"])
-    assert set(ens.loc[ens["experiment"] == "mri", "members"].iloc[0]) == {"mri-e1", "mri-e2"}
+    assert set(ens.loc[ens["experiment"] == "mri", "members"].iloc[0]) == {f"mri-e{e}" for e in cfg.mri.snapshot_epochs()}
     assert (Path(cfg.store) / REPORT_DIR / REPORT_INDEX).exists()
 
 
@@ -168,17 +143,18 @@ def test_a_run_prints_each_warning_once(capsys):
 
 
 def test_a_changed_training_setting_retrains_and_predicts_again(run, tmp_path):
-    """Another `mri.lr`: the MRI folds train again and their predictions are redone; the slide
+    """Another `wsi.lr`: the slide models train again and their predictions are redone; the MRI
     models, trained with unchanged settings, are skipped as up to date."""
     cfg, store, _ = run
     copy = tmp_path / "store"
     shutil.copytree(cfg.store, copy)
-    changed = cfg.model_copy(update={"mri": cfg.mri.model_copy(update={"lr": cfg.mri.lr * 10})})
+    changed = cfg.model_copy(update={"wsi": cfg.wsi.model_copy(update={"lr": cfg.wsi.lr * 10})})
     tables = {p.name: p.stat().st_mtime_ns for p in (copy / "tables" / "predictions").glob("*.parquet")}
     timings = run_pipeline(changed, store=str(copy))
     folds = sorted(store.cases().query("fold >= 0")["fold"].unique())
-    assert set(timings) == {*(f"train-mri fold {f}" for f in folds), "predict", "fuse", "report"}
+    trained = {f"train-wsi mag {mag:g} fold {f}" for mag in cfg.wsi.magnifications for f in folds}
+    assert set(timings) == {*trained, "predict", "fuse", "report"}
     after = {p.name: p.stat().st_mtime_ns for p in (copy / "tables" / "predictions").glob("*.parquet")}
     assert after.keys() == tables.keys()
-    assert {n for n in after if after[n] != tables[n]} == {n for n in tables if n.startswith("mri-")}
+    assert {n for n in after if after[n] != tables[n]} == {n for n in tables if n.startswith("wsi-")}
     assert run_pipeline(changed, store=str(copy)) == {}

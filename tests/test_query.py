@@ -106,6 +106,8 @@ def test_connection_is_read_only(store):
     con.close()
     target = store.path("tables", "cases.parquet")
     for sql, kind in [
+        ("DROP VIEW cases", "DROP"),
+        ("CREATE TABLE x AS SELECT 1", "CREATE"),
         (f"COPY (SELECT 1 AS a) TO '{target}' (FORMAT parquet)", "COPY"),
         ("INSERT INTO cases SELECT * FROM cases", "INSERT"),
         (f"ATTACH '{store.path('x.duckdb')}' AS x", "ATTACH"),
@@ -117,8 +119,9 @@ def test_connection_is_read_only(store):
     ]:
         with pytest.raises(RadpathError, match=f"read-only: {kind} statements are not allowed"):
             query(store.url, sql)
-    with pytest.raises(RadpathError, match="expected one SQL statement, got 2"):
-        query(store.url, "SELECT 1; SELECT 2")
+    for sql in ("SELECT 1; SELECT 2", "SELECT 1; DROP VIEW cases"):
+        with pytest.raises(RadpathError, match="expected one SQL statement, got 2"):
+            query(store.url, sql)
     for sql in ("EXPLAIN SELECT * FROM cases", "EXPLAIN ANALYZE SELECT count(*) FROM cases"):
         assert query(store.url, sql).num_rows >= 1
     assert _fingerprint(store) == before
@@ -148,8 +151,23 @@ def test_formats(store, tmp_path, capsys):
         run_query(store.url, sql, fmt="xml")
 
 
+def _one_error(res, *words: str) -> None:
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert res.stderr.count("error:") == 1 and "Traceback" not in res.output, res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
+
+
 def test_cli_query_errors_exit_2(store):
     runner = CliRunner()
+    before = _fingerprint(store)
+    _one_error(runner.invoke(app, ["query", "INSERT INTO cases SELECT * FROM cases", "--store", store.url]),
+               "read-only: INSERT statements are not allowed")
+    # --out may not overwrite the store's own files either.
+    inside = store.path("tables", "cases.parquet")
+    _one_error(runner.invoke(app, ["query", "SELECT 1 AS x", "--store", store.url, "--format", "parquet", "--out", inside]),
+               "inside the store", "read-only")
+    assert _fingerprint(store) == before
     res = runner.invoke(
         app, ["query", "SELECT count(*) AS n FROM cases", "--store", store.url, "--format", "json"]
     )

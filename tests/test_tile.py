@@ -113,7 +113,7 @@ def test_cmu_tiles_match_an_independent_numpy_rule(tmp_path, capfd):
     assert results[0]["status"] == "done"
     assert results[0]["skipped"] == [[40.0, "40x (0.25 µm/px) is finer than the slide (0.499 µm/px)"]]
     assert "magnification 40 skipped for 1 slide(s), never upsampled" in " ".join(capfd.readouterr().err.split())
-    assert not store.exists("tiles.zarr/CMU1/40")  # never upsampled
+    assert not store.exists(f"{TILES}/CMU1/40")  # never upsampled
 
     table = store.read_table("tiles")
     levels = full_levels_cmu(cfg.downsample_kernel)
@@ -402,7 +402,7 @@ def test_slide_without_tissue_is_bad_input(tmp_path, three_slides):
     store = make_store(tmp_path / "s", [case_row("B0", blank, 0.5), three_slides[0]])
     with pytest.raises(RadpathError, match=rf"{blank}: no tissue: every 128 px tile at 20x, 10x, 5x is background"):
         wsi.tile_store(str(store.root), SMALL)
-    assert not store.exists("tiles.zarr/B0") and not store.has_table("tiles")
+    assert not store.exists(f"{TILES}/B0") and not store.has_table("tiles")
     results = wsi.tile_store(str(store.root), SMALL, skip_errors=True)
     assert [r["status"] for r in results] == ["error", "complete"]
     assert store.read_table("tile_errors")["case_id"].tolist() == ["B0"]
@@ -422,7 +422,7 @@ def test_slide_coarser_than_every_magnification_is_bad_input(tmp_path, three_sli
     problem = f"{coarse}: every requested magnification (20x, 10x, 5x) is finer than the slide's 8 µm/px"
     with pytest.raises(RadpathError, match=re.escape(problem)):
         wsi.tile_store(str(store.root), SMALL)
-    assert not store.exists("tiles.zarr/C0") and not store.has_table("tiles")
+    assert not store.exists(f"{TILES}/C0") and not store.has_table("tiles")
     results = wsi.tile_store(str(store.root), SMALL, skip_errors=True)
     assert [r["status"] for r in results] == ["error", "complete"] and results[0]["error"] == problem
     assert store.read_table("tile_errors")["error"].tolist() == [problem]
@@ -459,7 +459,7 @@ def test_bad_slides_fail_clearly_and_touch_nothing(tmp_path, three_slides):
         wsi.tile_store(str(store.root), SMALL)
     for cid, (p, problem) in bad.items():
         assert f"{p}: " in str(err.value) and problem in str(err.value), cid
-        assert not store.exists(f"tiles.zarr/{cid}")
+        assert not store.exists(f"{TILES}/{cid}")
     assert not store.exists(LOCK_NAME)  # the lock was released
 
     results = wsi.tile_store(str(store.root), SMALL, skip_errors=True)
@@ -467,7 +467,7 @@ def test_bad_slides_fail_clearly_and_touch_nothing(tmp_path, three_slides):
     errors = store.read_table("tile_errors")
     assert sorted(errors["case_id"]) == sorted(bad)
     for cid in bad:
-        assert not store.exists(f"tiles.zarr/{cid}")
+        assert not store.exists(f"{TILES}/{cid}")
     assert set(store.read_table("tiles")["case_id"]) == {"S0"}
 
 
