@@ -321,7 +321,7 @@ def test_export_refuses_predict_settings_other_than_the_tables_record(built, tmp
         with pytest.raises(ConfigError, match=said) as err:
             export_bundle(store.url, None, tmp_path / "x", config=other(**settings))
         assert "predictions/wsi-" in str(err.value) and not (tmp_path / "x").exists()
-    # A table that records no settings (an earlier radpath_fs wrote it) is one error, with or without a config.
+    # A table that records no settings is one error, with or without a config.
     monkeypatch.setattr(predict_mod, "PREDICT_METADATA", b"radpath.unrecorded")
     for config in (cfg, None):
         with pytest.raises(ConfigError, match=r"predictions/wsi-.*records no predict settings.*rerun `radpath predict`"):

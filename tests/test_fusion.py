@@ -517,6 +517,17 @@ def test_fuse_is_deterministic(tmp_path):
     assert not other["weights"].equals(a["weights"])  # the seed draws the greedy bags
 
 
+def test_an_ensembles_table_of_another_schema_is_one_rebuild_error(tmp_path):
+    from radpath_fs.errors import StoreError
+    from radpath_fs.layout import ENSEMBLES_TABLE
+
+    store = make_prediction_store(tmp_path / "s", n_cases=40, n_val=0, seed=2)
+    store.write_table(ENSEMBLES_TABLE, pd.DataFrame({"id": ["x"], "experiment": ["x"]}))
+    with pytest.raises(StoreError, match="another schema than this radpath_fs writes; rebuild the store"):
+        fuse_store(store.url, FusionConfig(method="soft_vote", **FAST))
+    assert list(store.read_table(ENSEMBLES_TABLE).columns) == ["id", "experiment"]  # left as it was
+
+
 def test_a_later_fuse_run_takes_primary_from_the_older_ones(tmp_path, capsys):
     """prune=2 then prune=3 write two `pruned` rows (different ids): only the latest stays primary,
     and the report, the run summary and `bundle` all take that one."""

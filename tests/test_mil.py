@@ -387,7 +387,7 @@ def test_a_changed_head_setting_retrains_and_its_predictions_are_redone(tmp_path
     for case in store.cases()["case_id"]:
         group[f"{case}/20"].attrs["transform"] = PLANTED_TRANSFORM
     assert wsi_is_current(store, changed, 20, 0)
-    # A snapshot that records no fingerprint (an older radpath_fs's) is not of this run: retrained.
+    # A snapshot that records no fingerprint is not of this run: retrained.
     config_json = Path(store.path(model_config_path(model_id)))
     config_json.write_text(json.dumps({k: v for k, v in json.loads(config_json.read_text()).items()
                                        if k != "training_fingerprint"}))

@@ -93,7 +93,7 @@ def _recorded_settings(store: Store, name: str) -> dict:
     with store.fs.open(where, "rb") as f:
         meta = pq.read_schema(f).metadata or {}
     if PREDICT_METADATA not in meta:
-        raise ConfigError(f"{where}: records no predict settings (an earlier radpath_fs wrote it); rerun `radpath predict`")
+        raise ConfigError(f"{where}: records no predict settings; rerun `radpath predict`")
     return json.loads(meta[PREDICT_METADATA])
 
 

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from radpath_fs import CLASSES
+from radpath_fs.errors import StoreError
 from radpath_fs.fusion.ablations import plan, predictions_frame, results_frame, run_ablations
 from radpath_fs.fusion.io import load_fusion_data
 from radpath_fs.layout import ENSEMBLE_PREDICTIONS_TABLE, ENSEMBLES_TABLE
@@ -88,13 +89,13 @@ def _merge_write(store, name: str, new: pa.Table, key: str, latest_only: str | N
                                      pa.array([False] * len(old), type=pa.bool_()))
             new = pa.concat_tables([old, new])
         else:
-            warn(f"{store.path(store.table_rel(name))} has another schema (an older radpath_fs?); replaced")
+            raise StoreError(f"{store.path(store.table_rel(name))}: another schema than this radpath_fs writes; "
+                             "rebuild the store (delete it and run the pipeline again)")
     store.write_table(name, new)
 
 
 def primary_id(ensembles: pd.DataFrame) -> str | None:
-    """The primary ensemble's id: the latest primary row (a table written before `fuse` cleared
-    older runs' flags may hold several). The one rule: the report, the run summary and
+    """The primary ensemble's id: the latest primary row. The one rule: the report, the run summary and
     `bundle.choose_ensemble` all take it from here."""
     rows = ensembles[ensembles["primary"]].sort_values("created", ascending=False, kind="stable")
     return None if rows.empty else str(rows["id"].iloc[0])
