@@ -11,6 +11,7 @@ other name is a path relative to the store root. Kept free of heavy imports: fus
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from radpath_fs.errors import StoreError
 
@@ -113,23 +114,17 @@ def model_dir(model_id: str) -> str:
     return f"{MODELS}/{check_name(model_id, 'model id')}"
 
 
-def model_weights_path(model_id: str) -> str:
-    return f"{model_dir(model_id)}/{MODEL_WEIGHTS}"
-
-
-def model_config_path(model_id: str) -> str:
-    return f"{model_dir(model_id)}/{MODEL_CONFIG}"
-
-
 def run_dir(run_id: str) -> str:
-    """`runs/<run_id>`: one training run's history and resume state."""
+    """`runs/<run_id>`: one training run's history and resumable state."""
     return f"{RUNS}/{check_name(run_id, 'run id')}"
 
 
-def history_path(run_id: str) -> str:
-    return f"{run_dir(run_id)}/{HISTORY}"
+def _inside(folder: Callable[[str], str], name: str) -> Callable[[str], str]:
+    """A path builder: the file `name` in the folder that `folder(id)` names."""
+    return lambda id_: f"{folder(id_)}/{name}"
 
 
-def state_path(run_id: str) -> str:
-    """A run's resumable state after its last finished epoch (`training.save_state`)."""
-    return f"{run_dir(run_id)}/{STATE}"
+model_weights_path = _inside(model_dir, MODEL_WEIGHTS)  # models/<model_id>/model.safetensors
+model_config_path = _inside(model_dir, MODEL_CONFIG)  # models/<model_id>/config.json, written last
+history_path = _inside(run_dir, HISTORY)  # runs/<run_id>/history.parquet
+state_path = _inside(run_dir, STATE)  # runs/<run_id>/state.safetensors, the resumable state
