@@ -436,7 +436,7 @@ def infer_bags(
 # ---- training ----------------------------------------------------------------------------------
 
 
-def _epoch_seeds(seed: int, epoch: int, stream: int = 0) -> tuple[np.random.Generator, int]:
+def epoch_seeds(seed: int, epoch: int, stream: int = 0) -> tuple[np.random.Generator, int]:
     """A numpy generator and a torch seed for one epoch, independent of every other epoch."""
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)])
     a, b = ss.spawn(2)
@@ -653,7 +653,7 @@ class WSITrainer:
         return plans
 
     def train_epoch(self, epoch: int, max_batches: int | None = None) -> dict:
-        rng, torch_seed = _epoch_seeds(self.run.cfg.seed, epoch)
+        rng, torch_seed = epoch_seeds(self.run.cfg.seed, epoch)
         torch.manual_seed(torch_seed)  # dropout
         gen = torch.Generator().manual_seed(torch_seed)  # augmentation, drawn on the CPU
         plans = self.epoch_plans(rng)[:max_batches]
@@ -709,7 +709,7 @@ class WSITrainer:
         run = self.run
         if not run.val_ids:
             return float("nan")
-        rng, _ = _epoch_seeds(run.cfg.seed, 0, stream=1)  # the same subsets every epoch
+        rng, _ = epoch_seeds(run.cfg.seed, 0, stream=1)  # the same subsets every epoch
         bags = []
         for j in range(len(run.val_ids)):
             i = len(run.train_ids) + j

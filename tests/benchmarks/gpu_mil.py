@@ -149,7 +149,7 @@ def _pipeline(store, sizes: dict, device) -> dict:
     import torch
 
     from radpath_fs.config import PipelineConfig
-    from radpath_fs.mil import WSIRun, WSITrainer, _epoch_seeds
+    from radpath_fs.mil import WSIRun, WSITrainer, epoch_seeds
 
     cfg = PipelineConfig.model_validate({
         "embed": {"name": sizes["embedder"], "weights": "random", "normalization": "dataset"},
@@ -161,7 +161,7 @@ def _pipeline(store, sizes: dict, device) -> dict:
     plans: list = []
     epoch = 0
     while len(plans) < sizes["warmup"] + sizes["steps"]:
-        plans += trainer.epoch_plans(_epoch_seeds(0, epoch)[0])
+        plans += trainer.epoch_plans(epoch_seeds(0, epoch)[0])
         epoch += 1
     warm, timed = plans[: sizes["warmup"]], plans[sizes["warmup"] : sizes["warmup"] + sizes["steps"]]
     gen = torch.Generator().manual_seed(0)
