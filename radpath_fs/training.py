@@ -384,9 +384,9 @@ class TrainingRun:
     epochs: int
     snapshot_epochs: Sequence[int]
     fingerprint: str
+    lr: float  # the schedule's starting rate; `fit` sets the optimiser's rate every epoch
+    lr_schedule: str
     expect: dict = field(default_factory=dict)
-    lr: float | None = None  # None: the optimiser's rate is left as it is
-    lr_schedule: str = "constant"
 
     @property
     def model_ids(self) -> list[str]:
@@ -455,9 +455,8 @@ class TrainingRun:
         with progress_bar(f"train {self.run_id}", total=self.epochs) as advance:
             advance(start)
             for epoch in range(start, self.epochs):
-                if self.lr is not None:
-                    for group in optimizer.param_groups:
-                        group["lr"] = epoch_lr(self.lr, epoch, self.epochs, self.lr_schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = epoch_lr(self.lr, epoch, self.epochs, self.lr_schedule)
                 history.append(train_epoch(epoch))
                 if epoch in snapshots:
                     save_checkpoint(self.store, snapshot_id(self.run_id, epoch), model.state_dict(),
