@@ -19,7 +19,7 @@ from radpath_fs.errors import StoreError
 LAYOUT_VERSION = 2
 
 # ---- the store root ------------------------------------------------------------------------------
-STORE_JSON = "store.json"  # {"layout_version", "created"}; a bundle's adds "kind": "bundle"
+STORE_JSON = "store.json"  # {"layout_version", "created"}; a bundle's has "kind": "bundle" instead of "created"
 LOCK_NAME = ".radpath.lock"  # the writer lock: pid, host, since, command, token
 TMP_PREFIX = ".tmp-"  # a file being written; renamed onto its name when whole
 COMPLETE = "complete"  # Zarr attribute a writer sets last: readers and reruns trust only complete data

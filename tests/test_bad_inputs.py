@@ -19,11 +19,11 @@ import pyarrow as pa
 import pytest
 import typer
 from chain_data import run_chain
+from cli_checks import exits_2_with, invoke
 from fusion_data import simulate_tables
 from test_ingest import make_cohort, snapshot, write_slide, write_volume
 from test_mri import _affine, _nan
 from test_tile import blank_slide
-from typer.testing import CliRunner
 
 from radpath_fs.cli import app, user_errors, with_options
 from radpath_fs.cohort import ingest
@@ -250,10 +250,6 @@ def _copy(base: tuple[Path, Path], tmp_path: Path) -> Ctx:
     return ctx
 
 
-def invoke(argv: list[str]):
-    return CliRunner().invoke(app, argv)
-
-
 def _flat(text: str) -> str:
     """Warnings go through rich, which wraps them at 80 columns when not on a terminal."""
     return text.replace("\n", "")
@@ -265,12 +261,7 @@ def test_bad_input_gives_one_message_exit_2_and_an_unchanged_store(base, tmp_pat
     setup, words = CASES[name]
     argv = setup(ctx)
     before = snapshot(ctx.store)
-    result = invoke(argv)
-    err = result.stderr
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert err.count("error:") == 1 and "Traceback" not in result.output, err
-    for w in words:
-        assert w in err, (w, err)
+    exits_2_with(invoke(argv), *words)
     assert snapshot(ctx.store) == before
     assert not (ctx.store / LOCK_NAME).exists()
     assert not (ctx.tmp / "nowhere").exists()

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_checks import exits_2_with
 from fusion_data import make_prediction_store
 from typer.testing import CliRunner
 
@@ -151,21 +152,14 @@ def test_formats(store, tmp_path, capsys):
         run_query(store.url, sql, fmt="xml")
 
 
-def _one_error(res, *words: str) -> None:
-    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
-    assert res.stderr.count("error:") == 1 and "Traceback" not in res.output, res.stderr
-    for w in words:
-        assert w in res.stderr, (w, res.stderr)
-
-
 def test_cli_query_errors_exit_2(store):
     runner = CliRunner()
     before = _fingerprint(store)
-    _one_error(runner.invoke(app, ["query", "INSERT INTO cases SELECT * FROM cases", "--store", store.url]),
+    exits_2_with(runner.invoke(app, ["query", "INSERT INTO cases SELECT * FROM cases", "--store", store.url]),
                "read-only: INSERT statements are not allowed")
     # --out may not overwrite the store's own files either.
     inside = store.path("tables", "cases.parquet")
-    _one_error(runner.invoke(app, ["query", "SELECT 1 AS x", "--store", store.url, "--format", "parquet", "--out", inside]),
+    exits_2_with(runner.invoke(app, ["query", "SELECT 1 AS x", "--store", store.url, "--format", "parquet", "--out", inside]),
                "inside the store", "read-only")
     assert _fingerprint(store) == before
     res = runner.invoke(

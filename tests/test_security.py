@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_checks import exits_2_with, invoke
 from test_ingest import snapshot
 from test_tile import case_row, make_store, synthetic_slide
-from typer.testing import CliRunner
 
-from radpath_fs.cli import app
 from radpath_fs.errors import InputError, StoreError
 from radpath_fs.layout import (
     CASES_TABLE,
@@ -37,19 +36,6 @@ from radpath_fs.layout import (
     table_path,
 )
 from radpath_fs.store import Store
-
-
-def invoke(argv: list[str]):
-    return CliRunner().invoke(app, [str(a) for a in argv])
-
-
-def exits_2_with(result, *words: str) -> str:
-    err = result.stderr
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert err.count("error:") == 1 and "Traceback" not in result.output, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 class Payload:

@@ -12,10 +12,9 @@ import pytest
 import timm
 import torch
 import yaml
+from cli_checks import invoke
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from radpath_fs.cli import app
 from radpath_fs.config import EmbedConfig, load_config
 from radpath_fs.embedders import create_embedder, embedder_id
 from radpath_fs.errors import InputError
@@ -24,10 +23,6 @@ from radpath_fs.weights import check_weights
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "test_efficientnet.r160_in1k"  # timm's tiny EfficientNet; its hub repo is timm/<TAG>
 NAME = TAG.split(".")[0]
-
-
-def invoke(argv: list[str]):
-    return CliRunner().invoke(app, [str(a) for a in argv])
 
 
 def errors(result) -> list[str]:
