@@ -40,7 +40,7 @@ from radpath_fs import CLASSES
 from radpath_fs.errors import RadpathError, StoreError
 from radpath_fs.folds import fold_cases
 from radpath_fs.layout import EMBEDDINGS, TILES, model_dir, model_weights_path
-from radpath_fs.metrics import balanced_accuracy
+from radpath_fs.metrics import balanced_accuracy, encode_labels
 from radpath_fs.progress import info, progress_bar, warn
 from radpath_fs.store import Store, mag_key
 from radpath_fs.training import (
@@ -575,8 +575,7 @@ class WSITrainer:
         self.run = run
         self.rt = Runtime(device, spatial_dims=2)
         w, embed_cfg, mag, head_mode = run.w, run.embed_cfg, run.magnification, run.mode == "head"
-        self.train_y = np.array([CLASSES.index(c) for c in run.train_labels], dtype=np.int64)
-        self.val_y = np.array([CLASSES.index(c) for c in run.val_labels], dtype=np.int64)
+        self.train_y, self.val_y = encode_labels(run.train_labels), encode_labels(run.val_labels)
         all_ids = run.train_ids + run.val_ids
         self.source = (EmbeddingBags(run.store, run.embedder_id, all_ids, mag) if head_mode
                        else TileBags(run.store, all_ids, mag))

@@ -154,14 +154,6 @@ def snapshot_id(run_id: str, epoch: int) -> str:
     return f"{run_id}-e{epoch}"
 
 
-def wsi_model_id(magnification: float, fold: int, epoch: int) -> str:
-    return snapshot_id(wsi_run_id(magnification, fold), epoch)
-
-
-def mri_model_id(fold: int, epoch: int) -> str:
-    return snapshot_id(mri_run_id(fold), epoch)
-
-
 def fingerprint_hash(what: object) -> str:
     """A stable string for what makes a training run the same run (settings, seed, case lists)."""
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

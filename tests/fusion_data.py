@@ -14,7 +14,7 @@ import pandas as pd
 from radpath_fs import CLASSES
 from radpath_fs.predictions import prediction_table, write_predictions
 from radpath_fs.store import Store
-from radpath_fs.training import mri_model_id, wsi_model_id
+from radpath_fs.training import mri_run_id, snapshot_id, wsi_run_id
 
 # (modality, magnification, snapshot epoch, skill). Magnification 2.5 is the weakest, as pruning
 # should find; the earlier snapshot is a little worse than the last one.
@@ -53,7 +53,7 @@ def simulate_tables(
     for modality, mag, epoch, skill in members:
         member_bias = rng.normal(scale=0.6, size=(n_cases + n_val, len(CLASSES)))
         for f in range(folds):
-            model_id = wsi_model_id(mag, f, epoch) if modality == "wsi" else mri_model_id(f, epoch)
+            model_id = snapshot_id(wsi_run_id(mag, f) if modality == "wsi" else mri_run_id(f), epoch)
             noise = rng.normal(scale=0.5, size=(n_cases + n_val, len(CLASSES)))
             logits = 2.5 * skill * truth + 0.9 * shared + member_bias + noise
             common = dict(model_id=model_id, modality=modality, magnification=mag, snapshot=epoch, fold=f)

@@ -9,7 +9,6 @@ state after every epoch) goes through `radpath_fs.training.TrainingRun`. On CUDA
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ from radpath_fs import CLASSES
 from radpath_fs.config import MRITrainConfig, PipelineConfig
 from radpath_fs.errors import ConfigError, RadpathError
 from radpath_fs.folds import fold_cases
-from radpath_fs.metrics import confusion_matrix, metrics_from_confusion
+from radpath_fs.metrics import confusion_matrix, encode_labels, metrics_from_confusion
 from radpath_fs.mri.data import (
     KEEP_BYTES,
     CachedVolumes,
@@ -93,10 +92,6 @@ def check_network(mcfg: MRITrainConfig) -> None:
     if min(last) < 2:
         warn(f"mri: the last dense block works on a {'x'.join(map(str, last))} map at spatial_size "
              f"{list(mcfg.spatial_size)}; use fewer blocks (mri.block_config) or a larger spatial_size")
-
-
-def label_indices(labels: Sequence[str]) -> np.ndarray:
-    return np.array([CLASSES.index(str(lab)) for lab in labels], dtype=np.int64)
 
 
 def classification_metrics(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
@@ -203,7 +198,7 @@ def _train(run: TrainingRun, cfg: PipelineConfig, fold: int, train: pd.DataFrame
     mcfg = cfg.mri
     rt = mri_runtime(device, mcfg)
     train_ids, val_ids = _ids(train), _ids(val)
-    y_train, y_val = label_indices(train["label"]), label_indices(val["label"])
+    y_train, y_val = encode_labels(train["label"]), encode_labels(val["label"])
     seed_everything(cfg.seed * 1000 + fold + 1)  # weight init
     model = rt.prepare(build_network(mcfg))
     optimizer = make_optimizer(model, mcfg, rt)
