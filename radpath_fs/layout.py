@@ -83,6 +83,13 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def check_inside(rel: str) -> str:
+    """Return `rel` if it stays inside the store: relative, and never climbing with '..'."""
+    if rel.startswith("/") or ".." in rel.split("/"):
+        raise StoreError(f"{rel!r} is not a location inside the store (absolute, or climbing out with '..')")
+    return rel
+
+
 def table_path(name: str) -> str:
     """`tables/<name>.parquet` of a table name (`cases`, `predictions/m1--oof`)."""
     parts = name.split("/")

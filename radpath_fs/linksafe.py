@@ -15,6 +15,7 @@ import os
 from zarr.storage import LocalStore
 
 from radpath_fs.errors import StoreError
+from radpath_fs.layout import check_inside
 
 
 def refuse_links(base: str | os.PathLike, rel: str) -> None:
@@ -22,9 +23,7 @@ def refuse_links(base: str | os.PathLike, rel: str) -> None:
 
     `base` itself may be a link (a store folder kept on another disk).
     """
-    parts = [p for p in rel.split("/") if p]
-    if rel.startswith("/") or ".." in parts:
-        raise StoreError(f"{rel!r} is not a location inside the store (absolute, or climbing out with '..')")
+    parts = [p for p in check_inside(rel).split("/") if p]
     current = os.fspath(base)
     for part in parts:
         current = os.path.join(current, part)

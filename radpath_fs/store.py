@@ -37,6 +37,7 @@ from radpath_fs.layout import (
     TABLE_SUFFIX,
     TABLES,
     TMP_PREFIX,
+    check_inside,
     check_name,
     table_path,
 )
@@ -45,8 +46,7 @@ from radpath_fs.layout import (
 def _inside(parts: tuple[str, ...]) -> tuple[str, ...]:
     """Store locations are relative and never climb: an absolute part or a '..' would leave the store."""
     for p in parts:
-        if p.startswith("/") or ".." in p.split("/"):
-            raise StoreError(f"{p!r} is not a location inside the store (absolute, or climbing out with '..')")
+        check_inside(p)
     return parts
 
 

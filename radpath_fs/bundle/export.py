@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from radpath_fs import CLASSES, __version__
-from radpath_fs.bundle.format import FORMAT, FORMAT_VERSION, check_preprocess_version
+from radpath_fs.bundle.format import FORMAT, FORMAT_VERSION
 from radpath_fs.errors import ConfigError, InputError, RadpathError, StoreError
 from radpath_fs.layout import (
     BUNDLE_EMBEDDERS,
@@ -28,8 +28,10 @@ from radpath_fs.layout import (
     MODEL_WEIGHTS,
     MODELS,
     STORE_JSON,
+    TILES,
     TILES_TABLE,
     model_config_path,
+    model_dir,
     prediction_table_name,
 )
 from radpath_fs.progress import info, warn
@@ -46,7 +48,7 @@ def choose_ensemble(store: Store, ensemble_id: str | None) -> dict:
     from radpath_fs.fusion.cli import primary_id
 
     if not store.has_table(ENSEMBLES_TABLE):
-        raise StoreError(f"{store.path(store.table_rel('ensembles'))}: no ensembles; run `radpath fuse` first")
+        raise StoreError(f"{store.path(store.table_rel(ENSEMBLES_TABLE))}: no ensembles; run `radpath fuse` first")
     table = store.read_table(ENSEMBLES_TABLE).sort_values("created", ascending=False, kind="stable")
     if ensemble_id is None:
         rows = table[table["primary"]]
@@ -59,7 +61,7 @@ def choose_ensemble(store: Store, ensemble_id: str | None) -> dict:
         chosen = None if rows.empty else rows["id"].iloc[0]
         what = f"ensemble {ensemble_id!r}"
     if rows.empty:
-        raise RadpathError(f"{store.path(store.table_rel('ensembles'))}: no {what}; ensembles are "
+        raise RadpathError(f"{store.path(store.table_rel(ENSEMBLES_TABLE))}: no {what}; ensembles are "
                            f"{', '.join(table['id'])}")
     if len(rows) > 1:
         warn(f"{len(rows)} rows match the {what} (several `radpath fuse` runs); taking the latest, {chosen}")
@@ -151,7 +153,7 @@ def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
     from a finer one, and the chain of reductions decides its pixels.
     """
     from radpath_fs.config import TileConfig
-    from radpath_fs.tilestore import TILES, tile_group_attrs
+    from radpath_fs.tilestore import tile_group_attrs
 
     mags = sorted({float(c["magnification"]) for c in wsi_configs.values()}, reverse=True)
     attrs = None
@@ -216,7 +218,7 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     record["calibration"] = calibration_hash(store, ecfg)
     stale = [c["model_id"] for c in configs if c.get("embedding_calibration") != record["calibration"]]
     if stale:
-        raise StoreError(f"{store.path('models')}: {', '.join(stale)} trained on embeddings made with other batch-norm "
+        raise StoreError(f"{store.path(MODELS)}: {', '.join(stale)} trained on embeddings made with other batch-norm "
                          f"statistics of embedder {eid} than the store holds now ({record['calibration']}); retrain "
                          "them with `radpath train-wsi`")
     if weights:
@@ -265,7 +267,7 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
     by_name = {m.name: m for m in load_fusion_data(store).members}
     lost = [n for n in row["members"] if n not in by_name]
     if lost:
-        raise StoreError(f"{store.path(store.table_rel('ensembles'))}: ensemble {row['id']} names member(s) "
+        raise StoreError(f"{store.path(store.table_rel(ENSEMBLES_TABLE))}: ensemble {row['id']} names member(s) "
                          f"{', '.join(lost)} that the prediction tables no longer hold; rerun `radpath fuse`")
     weights = row["weights"] or [1.0 / len(row["members"])] * len(row["members"])
 
@@ -284,6 +286,8 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
             if m.modality == "wsi":
                 entry["mode"] = cfgs[chosen[0]]["mode"]
             else:
+                from radpath_fs.mri.preprocess import check_preprocess_version
+
                 for i in chosen:
                     check_preprocess_version(store.path(model_config_path(i)), cfgs[i])
                 mri = cfgs[chosen[0]]["mri"]
@@ -294,9 +298,9 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
         cfg = config or _recorded_config(store, wsi, owners)
         _check_predict_settings(store, wsi, cfg)
         for mid in sorted(configs):
-            (tmp / MODELS / mid).mkdir(parents=True)
+            (tmp / model_dir(mid)).mkdir(parents=True)
             for fname in MODEL_FILES:
-                (tmp / "models" / mid / fname).write_bytes(store.fs.cat_file(store.path(MODELS, mid, fname)))
+                (tmp / model_dir(mid) / fname).write_bytes(store.fs.cat_file(store.path(model_dir(mid), fname)))
         embedders = {}
         for eid in sorted({c["embedder"]["id"] for c in wsi.values() if c["mode"] == "head"}):
             group = [{**c, "model_id": i} for i, c in sorted(wsi.items())

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from radpath_fs import CLASSES
-from radpath_fs.errors import InputError, StoreError
+from radpath_fs.errors import InputError
 from radpath_fs.layout import BUNDLE_JSON
 from radpath_fs.weights import sha256_file
 
@@ -57,13 +57,3 @@ def read_bundle(bundle: str | Path) -> dict:
             raise InputError(path, "differs from the file bundle.json lists (size or SHA-256); the bundle is "
                                    "damaged, re-export it")
     return spec
-
-
-def check_preprocess_version(where: str, config: dict, then: str = "") -> None:
-    """Refuse an MRI model of another preprocessing than this radpath_fs gives a case's volumes."""
-    from radpath_fs.mri.preprocess import PREPROCESS_VERSION
-
-    made = config.get("preprocess_version")
-    if made != PREPROCESS_VERSION:
-        raise StoreError(f"{where}: its MRI model was trained on preprocessing version {made}, and this radpath_fs "
-                         f"preprocesses with version {PREPROCESS_VERSION}; retrain with `radpath train-mri`{then}")

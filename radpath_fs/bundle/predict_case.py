@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from radpath_fs import CLASSES, MODALITIES, __version__
-from radpath_fs.bundle.format import check_preprocess_version, read_bundle
+from radpath_fs.bundle.format import read_bundle
 from radpath_fs.errors import InputError, RadpathError, StoreError
 from radpath_fs.layout import BUNDLE_JSON, model_config_path
 from radpath_fs.progress import info, warn
@@ -201,6 +201,7 @@ def predict_case(bundle: str | Path, case_dir: str | Path, device: str = "auto",
     """
     from radpath_fs.config import PipelineConfig, PredictConfig, validate_stored
     from radpath_fs.fusion.methods import HardVote, SoftVote
+    from radpath_fs.mri.preprocess import check_preprocess_version
     from radpath_fs.training import resolve_device
 
     bundle = Path(bundle)

@@ -12,16 +12,11 @@ import pandas as pd
 import torch
 
 from radpath_fs.config import MRITrainConfig, PipelineConfig, validate_stored
-from radpath_fs.errors import RadpathError, StoreError
+from radpath_fs.errors import RadpathError
 from radpath_fs.folds import default_splits, split_cases
 from radpath_fs.layout import MRI_ERRORS_TABLE, model_config_path, model_dir
 from radpath_fs.mri.data import CachedVolumes, default_workers, make_loader, volume_bytes
-from radpath_fs.mri.preprocess import (
-    PREPROCESS_VERSION,
-    is_cached,
-    preprocess_cases,
-    recorded_errors,
-)
+from radpath_fs.mri.preprocess import check_preprocess_version, is_cached, preprocess_cases, recorded_errors
 from radpath_fs.mri.train import build_network, mri_runtime, predict_logits
 from radpath_fs.predictions import SPLITS, prediction_table, write_predictions
 from radpath_fs.progress import info, warn
@@ -54,12 +49,7 @@ def predict_mri(
     state, config = load_checkpoint(store, model_id)
     if config.get("modality") != "mri":
         raise RadpathError(f"{store.path(model_dir(model_id))}: modality {config.get('modality')!r}, not an MRI model")
-    made_with = config.get("preprocess_version")
-    if made_with != PREPROCESS_VERSION:
-        raise StoreError(
-            f"{store.path(model_dir(model_id))}: trained on MRI preprocessing version {made_with}, and this "
-            f"radpath_fs preprocesses with version {PREPROCESS_VERSION}; retrain it with `radpath train-mri`"
-        )
+    check_preprocess_version(store.path(model_dir(model_id)), config)
     mcfg = validate_stored(MRITrainConfig, config["mri"], f"{store.path(model_config_path(model_id))}: mri")
     fold, snapshot = int(config["fold"]), int(config["snapshot"])
     cases = store.cases()

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from radpath_fs.config import MRITrainConfig
-from radpath_fs.errors import BatchErrors, InputError, RadpathError
+from radpath_fs.errors import BatchErrors, InputError, RadpathError, StoreError
 from radpath_fs.layout import COMPLETE, MRI_ERRORS_TABLE, MRI_ZARR
 from radpath_fs.progress import info, warn
 from radpath_fs.scheduler import map_tasks
@@ -30,7 +30,16 @@ from radpath_fs.store import Store, check_name
 # Voxel grids agree when their affines agree to this many millimetres (header float noise only).
 AFFINE_TOLERANCE_MM = 1e-3
 # Bump when the deterministic transforms change: cached volumes of another version are redone.
-PREPROCESS_VERSION = 2  # 2: reoriented to RAS
+PREPROCESS_VERSION = 2
+
+
+def check_preprocess_version(where: str, config: dict, then: str = "") -> None:
+    """Refuse an MRI model (`config`: its config.json) trained on volumes of another preprocessing
+    than this radpath_fs gives a case; `then`: what to do after retraining."""
+    made = config.get("preprocess_version")
+    if made != PREPROCESS_VERSION:
+        raise StoreError(f"{where}: its MRI model was trained on preprocessing version {made}, and this radpath_fs "
+                         f"preprocesses with version {PREPROCESS_VERSION}; retrain it with `radpath train-mri`{then}")
 
 
 def nonzero(x):
