@@ -1,71 +1,37 @@
-"""Shared test set-up: the two stores that many test modules read.
+"""Suite-wide test set-up.
 
-- `finished`: `pipelines/demo.yaml` run to the end, once per session (the learning, pipeline, report,
-  bundle and notebook tests read it).
-- `chain_reference`: a tiny cohort through the real chain (tests/chain_data.py), which the
-  remote-store and cluster tests rebuild elsewhere and compare to.
-
-Both are shared read-only: a test that changes a store works on a `shutil.copytree` of it.
+`make test` runs the suite on two pytest-xdist workers. A unit of work is a test file, or a whole
+folder under tests/ (`tests/demo/`, `tests/reference_chain/`): such a folder's conftest holds a
+session store that its files share, and a session fixture is built once per worker, so the files
+that share it run on one worker.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
-import yaml
-
-if TYPE_CHECKING:
-    from radpath_fs.config import PipelineConfig
-    from radpath_fs.store import Store
 
 # Progress bars draw only on a terminal; keep test logs plain either way.
 os.environ.setdefault("RADPATH_PROGRESS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-ROOT = Path(__file__).resolve().parents[1]
-FINISHED_SYNTH_SEED = 7  # the demo draws seed 0: the tests see a cohort the settings were not tuned on
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A finished `radpath run`: its settings (and the YAML file they were read from), its store
-    and the seconds each step of the first run took."""
-
-    cfg: PipelineConfig
-    config: Path
-    store: Store
-    timings: dict[str, float]
+# Each xdist worker is a process of its own: two of them with a torch thread per core each would
+# oversubscribe the cores, and spinning OpenMP threads then run many times slower.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
-@pytest.fixture(scope="session")
-def finished(tmp_path_factory) -> Finished:
-    """`pipelines/demo.yaml` end to end, its cohort drawn with synth seed 7 into a temporary folder."""
-    from radpath_fs.config import load_config
-    from radpath_fs.pipeline import run_pipeline
-    from radpath_fs.store import Store
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown to a pytest without it
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
 
-    tmp = tmp_path_factory.mktemp("finished")
-    settings = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
-    settings["store"] = str(tmp / "store")
-    settings["data"]["root"] = str(tmp / "data")
-    settings["data"]["synth"]["seed"] = FINISHED_SYNTH_SEED
-    config = tmp / "demo.yaml"
-    config.write_text(yaml.safe_dump(settings))
-    cfg = load_config(config)
-    timings = run_pipeline(cfg)
-    return Finished(cfg, config, Store(cfg.store), timings)
+    # In collection order (tests/demo, the longest unit, first), not xdist's default of the units
+    # with the most tests first: the long units then start at once and the short ones fill in.
+    config.option.loadscopereorder = False
 
+    class FilesAndFolders(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0].split("/")
+            return "/".join(path[:2]) if len(path) > 2 else "/".join(path)
 
-@pytest.fixture(scope="session")
-def chain_reference(tmp_path_factory):
-    """(cohort folder, store): a tiny synthetic cohort through the real chain, `sync`, on a local
-    folder (tests/chain_data.py). The remote-store and cluster tests compare their stores to it."""
-    from chain_data import run_chain, synth_data
-
-    root = tmp_path_factory.mktemp("chain")
-    data = synth_data(root / "data")
-    return data, run_chain(str(root / "sync"), data)
+    return FilesAndFolders(config, log)

@@ -340,7 +340,7 @@ def test_same_store_under_sync_and_a_local_cluster(embedded):
             a = read_embeddings(store, eid, case, mag)
             b = read_embeddings(other, eid, case, mag)
             # one torch thread per worker vs two in sync: at most float16 rounding apart
-            # (embed.cpu_threads makes them byte-equal: tests/test_cluster.py)
+            # (embed.cpu_threads makes them byte-equal: tests/reference_chain/test_cluster.py)
             np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2**-10, atol=1e-4)
             attrs_a, attrs_b = (embedding_attrs(s, eid, case, mag) for s in (store, other))
             attrs_a.pop("created"), attrs_b.pop("created")

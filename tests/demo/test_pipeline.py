@@ -12,7 +12,7 @@ import pytest
 from radpath_fs.layout import REPORT_DIR, REPORT_INDEX, model_weights_path, prediction_table_name
 from radpath_fs.pipeline import run_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 
 

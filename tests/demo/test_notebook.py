@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "ensemble_ablations.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "ensemble_ablations.ipynb"
 
 
 def test_notebook_executes_without_torch(finished, tmp_path, monkeypatch):
