@@ -46,10 +46,10 @@ from radpath_fs.store import Store, mag_key
 from radpath_fs.training import (
     Runtime,
     TrainingRun,
+    class_weighted_loss,
     config_json,
     cpu_threads,
     fingerprint_hash,
-    inverse_frequency_weights,
     load_checkpoint,
     resolve_device,
     seed_everything,
@@ -601,10 +601,8 @@ class WSITrainer:
         if self.rt.cuda:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=w.lr, weight_decay=w.weight_decay)
-        weights_ce = (inverse_frequency_weights(run.train_labels) if w.class_weighting == "inverse_frequency"
-                      else np.ones(N_CLASSES))
+        weights_ce, self.loss_fn = class_weighted_loss(run.train_labels, w.class_weighting, device)
         self.class_weights = weights_ce.tolist()
-        self.loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights_ce, dtype=torch.float32, device=device))
         self.loader = Loader(self.source, threads=loader_threads(w.loader_threads), depth=w.prefetch_batches,
                              pin=self.rt.cuda)
 

@@ -134,6 +134,15 @@ def inverse_frequency_weights(labels: list[str] | np.ndarray) -> np.ndarray:
     return w
 
 
+def class_weighted_loss(labels, weighting: str, device):
+    """(class weights in CLASSES order, weighted cross-entropy on `device`); `weighting` is a
+    trainer's `class_weighting` setting (`inverse_frequency` or `none`)."""
+    import torch
+
+    weights = inverse_frequency_weights(labels) if weighting == "inverse_frequency" else np.ones(len(CLASSES))
+    return weights, torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+
+
 # ---- run and model ids ------------------------------------------------------------------------
 
 

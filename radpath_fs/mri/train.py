@@ -35,9 +35,9 @@ from radpath_fs.store import Store
 from radpath_fs.training import (
     Runtime,
     TrainingRun,
+    class_weighted_loss,
     config_json,
     fingerprint_hash,
-    inverse_frequency_weights,
     mri_run_id,
     resolve_device,
     seed_everything,
@@ -202,9 +202,7 @@ def _train(run: TrainingRun, cfg: PipelineConfig, fold: int, train: pd.DataFrame
     seed_everything(cfg.seed * 1000 + fold + 1)  # weight init
     model = rt.prepare(build_network(mcfg))
     optimizer = make_optimizer(model, mcfg, rt)
-    weights = (inverse_frequency_weights(train["label"].to_numpy()) if mcfg.class_weighting == "inverse_frequency"
-               else np.ones(len(CLASSES)))
-    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+    weights, loss_fn = class_weighted_loss(train["label"].to_numpy(), mcfg.class_weighting, device)
 
     aug_on = mcfg.augment_on if mcfg.augment_on != "auto" else ("device" if rt.cuda else "loader")
     workers = default_workers(mcfg, device)
