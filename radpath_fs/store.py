@@ -152,12 +152,13 @@ class Store:
     def has_table(self, name: str) -> bool:
         return self.exists(self.table_rel(name))
 
-    def read_table(self, name: str) -> pd.DataFrame:
+    def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """Table `name` (only `columns`, when given: Parquet reads just those)."""
         rel = self.table_rel(name)
         if not self.exists(rel):
             raise StoreError(f"{self.path(rel)}: table {name!r} does not exist yet")
         with self.fs.open(self.path(rel), "rb") as f:
-            return pq.read_table(f).to_pandas()
+            return pq.read_table(f, columns=columns).to_pandas()
 
     def list_tables(self, prefix: str) -> list[str]:
         """Names of the tables under `tables/<prefix>/`, sorted, temporaries left out."""

@@ -36,6 +36,7 @@ def test_tables_are_written_atomically_and_read_back(tmp_path):
     s.write_table("cases", df)
     s.write_table(prediction_table_name("m1", "oof"), df)
     pd.testing.assert_frame_equal(s.read_table("cases"), df)
+    pd.testing.assert_frame_equal(s.read_table("cases", columns=["b"]), df[["b"]])
     assert s.list_tables("predictions") == [prediction_table_name("m1", "oof")]
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(TMP_PREFIX)]
     assert leftovers == []

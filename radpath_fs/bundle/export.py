@@ -167,8 +167,8 @@ def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
     if attrs is None:
         raise StoreError(f"{store.path(TILES)}: no complete tile group of the members' training cases; "
                          "the tile recipe cannot be read")
-    tiled = (sorted(set(store.read_table(TILES_TABLE)["magnification"].astype(float))) if store.has_table(TILES_TABLE)
-             else list(cfg.tile.magnifications))
+    tiled = (sorted(set(store.read_table(TILES_TABLE, columns=["magnification"])["magnification"].astype(float)))
+             if store.has_table(TILES_TABLE) else list(cfg.tile.magnifications))
     chain = sorted({m for m in [*tiled, *mags] if m >= min(mags)}, reverse=True)
     level = {"jpeg": "jpeg_quality", "zstd": "zstd_level"}[attrs["codec"]]
     recipe = {k: attrs[k] for k in ("tile_size", "codec", "background_threshold", "background_fraction",
