@@ -99,50 +99,49 @@ def _recorded_settings(store: Store, name: str) -> dict:
     return json.loads(meta[PREDICT_METADATA])
 
 
-def _recorded_config(store: Store, configs: dict[str, dict], owners: dict[str, str]):
+def _recorded_tables(store: Store, configs: dict[str, dict]) -> list[tuple[str, str, dict]]:
+    """(model id, table path, the settings the table records) of each prediction table of these models."""
+    tables = []
+    for mid in sorted(configs):
+        for split in ("val", "test", "oof"):
+            name = prediction_table_name(mid, split)
+            if store.has_table(name):
+                tables.append((mid, store.path(store.table_rel(name)), _recorded_settings(store, name)))
+    return tables
+
+
+def _recorded_config(tables: list[tuple[str, str, dict]], owners: dict[str, str]):
     """A PipelineConfig with the seed and predict settings the slide models' prediction tables record
     (defaults for what none records). Members whose tables disagree are a ConfigError naming both."""
     from radpath_fs.config import PipelineConfig, PredictConfig
 
     seen: dict[str, tuple[object, str, str]] = {}  # setting -> (value, member, table)
-    for mid in sorted(configs):
-        for split in ("val", "test", "oof"):
-            name = prediction_table_name(mid, split)
-            if not store.has_table(name):
-                continue
-            where = store.path(store.table_rel(name))
-            recorded = _recorded_settings(store, name)
-            for key, value in sorted(recorded.items()):
-                first = seen.setdefault(key, (value, owners[mid], where))
-                if first[0] != value:
-                    who = (f"members {first[1]} and {owners[mid]}" if first[1] != owners[mid]
-                           else f"the models of member {first[1]}")
-                    raise ConfigError(f"{who} were predicted with other settings: "
-                                      f"{key}={first[0]!r} ({first[2]}) and {value!r} ({where}); rerun `radpath "
-                                      "predict` for one of them")
+    for mid, where, recorded in tables:
+        for key, value in sorted(recorded.items()):
+            first = seen.setdefault(key, (value, owners[mid], where))
+            if first[0] != value:
+                who = (f"members {first[1]} and {owners[mid]}" if first[1] != owners[mid]
+                       else f"the models of member {first[1]}")
+                raise ConfigError(f"{who} were predicted with other settings: "
+                                  f"{key}={first[0]!r} ({first[2]}) and {value!r} ({where}); rerun `radpath "
+                                  "predict` for one of them")
     settings = {k: v for k, (v, _, _) in seen.items()}
     seed = settings.pop("seed", 0)
     return PipelineConfig(seed=seed, predict=PredictConfig(**settings))
 
 
-def _check_predict_settings(store: Store, configs: dict[str, dict], cfg) -> None:
+def _check_predict_settings(tables: list[tuple[str, str, dict]], configs: dict[str, dict], cfg) -> None:
     """A config other than the one `radpath predict` used would give other numbers than the fused
     rows: refused here, naming the setting and the table, rather than found out later."""
     from radpath_fs.predict import predict_settings
 
-    for mid in sorted(configs):
-        wanted = predict_settings(cfg, configs[mid])
-        for split in ("val", "test", "oof"):
-            name = prediction_table_name(mid, split)
-            if not store.has_table(name):
-                continue
-            where = store.path(store.table_rel(name))
-            recorded, expected = _recorded_settings(store, name), wanted
-            for key in sorted(expected.keys() | recorded.keys()):
-                if recorded.get(key) != expected.get(key):
-                    section = "" if key == "seed" else "predict."
-                    raise ConfigError(f"{where}: predicted with {section}{key}={recorded.get(key)!r}, the config says "
-                                      f"{expected.get(key)!r}; pass the pipeline config `radpath predict` used (--config)")
+    for mid, where, recorded in tables:
+        expected = predict_settings(cfg, configs[mid])
+        for key in sorted(expected.keys() | recorded.keys()):
+            if recorded.get(key) != expected.get(key):
+                section = "" if key == "seed" else "predict."
+                raise ConfigError(f"{where}: predicted with {section}{key}={recorded.get(key)!r}, the config says "
+                                  f"{expected.get(key)!r}; pass the pipeline config `radpath predict` used (--config)")
 
 
 def _tile_recipe(store: Store, wsi_configs: dict[str, dict], cfg) -> dict:
@@ -295,8 +294,9 @@ def export_bundle(store_url: str | Store, ensemble_id: str | None, out: str | Pa
                                 "spatial_size": mri["spatial_size"], "network": mri["network"]}
             members.append(entry)
         wsi = {i: c for i, c in configs.items() if c["modality"] == "wsi"}
-        cfg = config or _recorded_config(store, wsi, owners)
-        _check_predict_settings(store, wsi, cfg)
+        tables = _recorded_tables(store, wsi)
+        cfg = config or _recorded_config(tables, owners)
+        _check_predict_settings(tables, wsi, cfg)
         for mid in sorted(configs):
             (tmp / model_dir(mid)).mkdir(parents=True)
             for fname in MODEL_FILES:
