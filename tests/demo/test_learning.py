@@ -2,9 +2,12 @@
 session's `finished` store, another generator seed than the demo's), each branch and the primary
 ensemble scored against chance.
 
-Chance balanced accuracy is 1/3; every bar sits well above it. Measured (slide soft vote, MRI soft
-vote, primary ensemble nested [95% CI]): the demo's own cohort (seed 0) 0.867, 0.768, 0.918 [0.838,
-0.984]; this one (seed 7) 0.702, 0.550, 0.819 [0.723, 0.909]; seed 1 0.698, 0.602, 0.710 [0.589, 0.813].
+Chance balanced accuracy is 1/3, with a standard deviation of about 0.055 over these 72 labelled
+cases; every bar sits at least three of them above it, and at least a case's worth below what was
+measured, so that summation order (torch threads, CPU) cannot decide the test. Measured (slide soft
+vote, MRI soft vote, primary ensemble nested [95% CI]): the demo's own cohort (seed 0) 0.867, 0.768,
+0.918 [0.838, 0.984]; this one (seed 7) 0.702, 0.550, 0.819 [0.723, 0.909] on two torch threads and
+0.702, 0.606, 0.819 [0.709, 0.911] on one (a pytest-xdist worker); seed 1 0.698, 0.602, 0.710 [0.589, 0.813].
 """
 
 import pytest
@@ -16,7 +19,7 @@ def ens(finished):
 
 
 def test_the_slide_branch_learns(ens):
-    assert ens.loc["wsi", "balanced_accuracy"] >= 0.7, ens["balanced_accuracy"]
+    assert ens.loc["wsi", "balanced_accuracy"] >= 0.6, ens["balanced_accuracy"]
 
 
 def test_the_mri_branch_learns(ens):
