@@ -1,0 +1,118 @@
+"""Embedder presets: every preset builds (on torch's meta device: no memory, no download) with its
+published width, takes a state dict with its own key names, and reads its output as its authors do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from radpath_fs import embedders
+from radpath_fs.embedders import ClassPatchMean, create_embedder, embedding_width
+from radpath_fs.errors import InputError
+from radpath_fs.presets import PRESETS, EmbedderPreset
+
+# The embedding widths the model cards and the authors' code state, written out here rather than
+# read from PRESETS, so that a wrong record fails.
+PUBLISHED_WIDTH = {
+    "efficientnet_b0": 1280, "mobilenetv3_small_050": 1024, "resnet18": 512, "resnet50_trunc": 1024,
+    "uni": 1024, "uni2_h": 1536, "virchow": 2560, "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536,
+    "h0_mini": 768, "prov_gigapath": 1536, "lunit_dino_vits8": 384, "kaiko_vits16": 384,
+}
+
+
+def test_every_preset_has_a_published_width():
+    assert sorted(PRESETS) == sorted(PUBLISHED_WIDTH)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_WIDTH))
+def test_preset_builds_on_meta_with_its_published_width(name):
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        model = create_embedder(name)
+        out = model(torch.empty(2, 3, preset.input_size, preset.input_size))
+    assert tuple(out.shape) == (2, PUBLISHED_WIDTH[name])
+    assert embedding_width(model) == PUBLISHED_WIDTH[name]
+
+
+def _own_state_dict(name: str) -> dict:
+    """A state dict with the preset's own key names and shapes (zeros: the values do not matter)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in create_embedder(name).state_dict().items()}
+    return {k.removeprefix("trunk."): torch.zeros(s) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("name", ["lunit_dino_vits8", "resnet50_trunc"])
+def test_a_state_dict_with_the_presets_own_keys_loads(tmp_path, name):
+    state = _own_state_dict(name)
+    first = next(iter(state))
+    state[first] = torch.full_like(state[first], 0.5)
+    path = tmp_path / f"{name}.safetensors"
+    save_file(state, str(path))
+    model = create_embedder(name, path)
+    trunk = getattr(model, "trunk", model)
+    assert torch.equal(trunk.state_dict()[first], state[first])
+    if name == "resnet50_trunc":  # the read-out wraps the trunk; the file has the trunk's names
+        assert all(not k.startswith("trunk.") for k in state) and "layer3.5.bn3.running_var" in state
+
+
+def test_a_wrong_state_dict_is_refused_naming_the_keys(tmp_path):
+    state = _own_state_dict("lunit_dino_vits8")
+    del state["blocks.3.attn.qkv.weight"]
+    state["blocks.3.attn.qkv_typo.weight"] = torch.zeros(1)
+    state["pos_embed"] = torch.zeros(1, 5, 384)
+    path = tmp_path / "lunit.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(InputError) as e:
+        create_embedder("lunit_dino_vits8", path)
+    msg = str(e.value)
+    assert "blocks.3.attn.qkv.weight" in msg and "blocks.3.attn.qkv_typo.weight" in msg and "pos_embed" in msg
+
+
+def _tiny_vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=0, class_token=True, reg_tokens=4,
+                             global_pool="", img_size=32).eval()
+
+
+def test_class_patch_mean_excludes_registers_and_puts_the_class_token_first():
+    trunk = _tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = trunk.forward_features(x)  # class token, 4 registers, 4 patch tokens
+        out = ClassPatchMean(trunk)(x)
+    assert tokens.shape[1] == 1 + 4 + 4
+    d = tokens.shape[2]
+    assert out.shape == (3, 2 * d)
+    torch.testing.assert_close(out[:, :d], tokens[:, 0])
+    torch.testing.assert_close(out[:, d:], tokens[:, 5:].mean(dim=1))
+    # Including the registers would give another vector: the test can tell them apart.
+    assert not torch.allclose(out[:, d:], tokens[:, 1:].mean(dim=1))
+
+
+def test_the_read_out_is_part_of_the_model_create_embedder_returns(monkeypatch):
+    """A preset with the cls_patch_mean read-out: the model itself returns class ‖ patch mean, so
+    every caller (embedding, finetuning, bundles) gets that vector."""
+    tiny = EmbedderPreset("vit_tiny_patch16_224", num_features=384, readout="cls_patch_mean",
+                          timm_kwargs={"reg_tokens": 4, "global_pool": "", "img_size": 32})
+    monkeypatch.setitem(embedders.PRESETS, "tiny_virchow", tiny)
+    model = create_embedder("tiny_virchow").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.trunk.forward_features(x)
+        out = model(x)
+    assert embedding_width(model) == 384 and out.shape == (2, 384)
+    torch.testing.assert_close(out, torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=-1))
+
+
+def test_a_read_out_of_tokens_needs_a_class_token():
+    import timm
+
+    from radpath_fs.errors import ConfigError
+
+    trunk = timm.create_model("vit_tiny_patch16_224", num_classes=0, class_token=False, global_pool="avg",
+                              img_size=32)
+    with pytest.raises(ConfigError, match="no class token"):
+        ClassPatchMean(trunk)
