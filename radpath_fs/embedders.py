@@ -151,9 +151,10 @@ def preset_normalization(name: str) -> tuple[list[float], list[float]]:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # timm's word for a model without pretrained weights
         cfg = None
-    if cfg is None or cfg.mean is None or cfg.std is None:
-        raise ConfigError(f"embed.normalization: preset: {name} is not a preset and timm states no mean/std "
-                          "for it; use dataset or imagenet")
+    # A model without published weights has a placeholder config: its mean/std belong to no training.
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file) or cfg.mean is None or cfg.std is None:
+        raise ConfigError(f"embed.normalization: preset: {name} is not a preset and timm has no pretrained "
+                          "weights of it to take a mean/std from; use dataset or imagenet")
     return list(cfg.mean), list(cfg.std)
 
 

@@ -3,12 +3,14 @@ published width, takes a state dict with its own key names, and reads its output
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from radpath_fs import embedders
-from radpath_fs.embedders import ClassPatchMean, create_embedder, embedding_width
+from radpath_fs.config import EmbedConfig
+from radpath_fs.embedders import ClassPatchMean, create_embedder, embedder_id, embedding_width
 from radpath_fs.errors import InputError
 from radpath_fs.presets import PRESETS, EmbedderPreset
 
@@ -116,3 +118,58 @@ def test_a_read_out_of_tokens_needs_a_class_token():
                               img_size=32)
     with pytest.raises(ConfigError, match="no class token"):
         ClassPatchMean(trunk)
+
+
+# ---- a preset's transform: its input size, crop and normalisation are the config's defaults ----
+def test_a_presets_transform_is_the_default_and_a_given_one_wins():
+    uni = EmbedConfig(name="uni", weights="random")
+    assert (uni.normalization, uni.input_size, uni.crop) == ("preset", 224, "resize")
+    assert embedder_id(uni) == "uni-random-s0-r224-preset"
+    given = EmbedConfig(name="uni", weights="random", normalization="imagenet", input_size=256, crop="center")
+    assert (given.normalization, given.input_size, given.crop) == ("imagenet", 256, "center")
+    # The paper's encoder and any other timm model keep the dataset normalisation of the paper.
+    assert EmbedConfig().normalization == "dataset" and EmbedConfig(name="resnet34").normalization == "dataset"
+
+
+def test_another_embedder_from_the_command_line_takes_its_own_defaults():
+    from radpath_fs.cli import with_options
+
+    assert with_options(EmbedConfig(weights="random"), name="virchow").normalization == "preset"
+    said = EmbedConfig(weights="random", normalization="dataset", input_size=256)
+    assert (with_options(said, name="uni").normalization, with_options(said, name="uni").input_size) == ("dataset", 256)
+
+
+def test_preset_normalization_is_the_encoders_own():
+    from radpath_fs.errors import ConfigError
+    from radpath_fs.normstats import normalization_stats
+
+    hopt = EmbedConfig(name="h_optimus_0", weights="random")
+    assert normalization_stats(None, hopt, None) == ([0.707223, 0.578729, 0.703617], [0.211883, 0.230117, 0.177517])
+    # A plain timm model: the mean/std timm states for its pretrained weights.
+    vit = EmbedConfig(name="vit_small_patch16_224", weights="random", normalization="preset")
+    assert normalization_stats(None, vit, None) == ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    with pytest.raises(ConfigError, match="embed.normalization: preset"):
+        normalization_stats(None, EmbedConfig(name="botnet50ts_256", weights="random", normalization="preset"), None)
+
+
+def test_a_vit_preset_embeds_a_store_with_its_own_normalisation(tmp_path):
+    """Lunit's ViT-S/8 (random weights) embeds the small test store: the embedder id says `preset`,
+    the recorded transform holds Lunit's mean/std, and the stored vectors recompute from the
+    stored pixels with that transform."""
+    from test_embed import _recompute, make_store
+
+    from radpath_fs.embed import embed_store
+    from radpath_fs.embeddings import embedding_attrs, read_embeddings
+
+    store = make_store(tmp_path / "s")
+    cfg = EmbedConfig(name="lunit_dino_vits8", weights="random", input_size=48, batch_size=8, magnifications=[20],
+                      dtype="float32")
+    summary = embed_store(store.url, cfg, device="cpu")
+    eid = summary["embedder_id"]
+    assert eid == "lunit_dino_vits8-random-s0-c48-preset" and summary["tiles"] == 15
+    attrs = embedding_attrs(store, eid, "c0", 20)
+    assert attrs["transform"]["mean"] == list(PRESETS["lunit_dino_vits8"].mean)
+    assert attrs["transform"]["std"] == list(PRESETS["lunit_dino_vits8"].std)
+    stored = read_embeddings(store, eid, "c0", 20)
+    assert stored.shape == (6, 384)
+    np.testing.assert_allclose(stored, _recompute(store, eid, "c0", 20, range(6)), rtol=1e-5, atol=1e-5)
