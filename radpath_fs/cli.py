@@ -312,6 +312,14 @@ def run(
     run_pipeline(load_config(pipeline), store=store, scheduler=scheduler, device=device)
 
 
+@_command("embedders")
+def embedders():
+    """The embedder presets: width, input, µm/px, normalisation, read-out, weights and licence."""
+    from radpath_fs.presets import preset_table
+
+    print(preset_table())
+
+
 weights_app = typer.Typer(help="Embedder weights: fetched once through timm's hub, pinned by SHA-256, checked offline.",
                           no_args_is_help=True)
 app.add_typer(weights_app, name="weights")

@@ -53,6 +53,9 @@ class EmbedderPreset:
 # Sources. TRIDENT is the Mahmood lab's patch-encoder factory
 # (https://github.com/mahmoodlab/TRIDENT, trident/patch_encoder_models/load.py); its README's
 # encoder table gives each encoder's tile size and magnification (20x, which is 0.5 µm/px).
+# Licences, gating and parameter counts: LazySlide's model zoo (https://github.com/rendeirolab/LazySlide,
+# src/lazyslide/models/vision/), which records each model card's; the meta-device test checks
+# the parameter counts of the architectures below against it.
 _VIT_SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "silu"}
 
 PRESETS: dict[str, EmbedderPreset] = {
@@ -76,7 +79,7 @@ PRESETS: dict[str, EmbedderPreset] = {
         hub_id="resnet50.tv_in1k", licence="bsd-3-clause (timm)"),
     # UNI, ViT-L/16. https://huggingface.co/MahmoodLab/UNI: timm vit_large_patch16_224,
     # init_values=1e-5, dynamic_img_size=True; Resize(224), ImageNet mean/std; 256 px tiles at 20x
-    # (TRIDENT). Licence as recorded by LazySlide's model zoo: CC-BY-NC-ND-4.0, gated.
+    # (TRIDENT). Licence: CC-BY-NC-ND-4.0, gated.
     "uni": EmbedderPreset(
         "vit_large_patch16_224", num_features=1024, crop="resize", mpp=0.5,
         timm_kwargs={"patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
@@ -85,71 +88,76 @@ PRESETS: dict[str, EmbedderPreset] = {
     # UNI2-h, ViT-H/14 with 8 register tokens. https://huggingface.co/MahmoodLab/UNI2-h (timm_kwargs
     # as in TRIDENT "uni_v2"): vit_giant_patch14_224, depth 24, 24 heads, embed 1536, mlp_ratio
     # 2.66667*2, SwiGLUPacked, SiLU, no_embed_class, reg_tokens 8; Resize(224), ImageNet mean/std;
-    # 256 px tiles at 20x. Licence: not found in the sources read; gated (TRIDENT asks for access).
+    # 256 px tiles at 20x. Licence: CC-BY-NC-ND-4.0, gated.
     "uni2_h": EmbedderPreset(
         "vit_giant_patch14_224", num_features=1536, crop="resize", mpp=0.5,
         timm_kwargs={"patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
                      "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True,
                      **_VIT_SWIGLU},
-        hub_id="hf-hub:MahmoodLab/UNI2-h", licence="not stated in the sources read; gated: request access on the hub page",
+        hub_id="hf-hub:MahmoodLab/UNI2-h", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
         gated=True),
     # Virchow, ViT-H/14. https://huggingface.co/paige-ai/Virchow (TRIDENT "virchow"):
     # vit_huge_patch14_224, init_values 1e-5, mlp_ratio 5.3375, global_pool "", SwiGLUPacked,
     # SiLU; embedding = class token ‖ mean of the patch tokens (2560); ImageNet mean/std;
-    # 224 px tiles at 20x. Licence: not found in the sources read; gated.
+    # 224 px tiles at 20x. Licence: Apache-2.0 with additional terms, gated (the card's front matter).
     "virchow": EmbedderPreset(
         "vit_huge_patch14_224", num_features=2560, mpp=0.5, readout="cls_patch_mean",
         timm_kwargs={"init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
                      **_VIT_SWIGLU},
-        hub_id="hf-hub:paige-ai/Virchow", licence="not stated in the sources read; gated: request access on the hub page",
+        hub_id="hf-hub:paige-ai/Virchow", licence="Apache-2.0 with additional terms; gated: request access on the hub page",
         gated=True),
     # Virchow2: Virchow with 4 register tokens, which the read-out skips (TRIDENT takes
     # output[:, 5:]). https://huggingface.co/paige-ai/Virchow2. Trained on mixed magnifications
-    # (5x to 40x, arXiv 2408.00738); TRIDENT tiles it at 20x. Licence: not found; gated.
+    # (5x to 40x, arXiv 2408.00738); TRIDENT tiles it at 20x. Licence: CC-BY-NC-ND-4.0, gated.
     "virchow2": EmbedderPreset(
         "vit_huge_patch14_224", num_features=2560, mpp=0.5, readout="cls_patch_mean",
         timm_kwargs={"init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "reg_tokens": 4,
                      "dynamic_img_size": True, **_VIT_SWIGLU},
-        hub_id="hf-hub:paige-ai/Virchow2", licence="not stated in the sources read; gated: request access on the hub page",
+        hub_id="hf-hub:paige-ai/Virchow2", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
         gated=True),
     # H-optimus-0, ViT-g/14 with 4 registers. https://huggingface.co/bioptimus/H-optimus-0
     # (TRIDENT "hoptimus0"; the eva framework's bioptimus backbones): vit_giant_patch14_reg4_dinov2,
     # init_values 1e-5, global_pool "token"; mean (0.707223, 0.578729, 0.703617), std (0.211883,
-    # 0.230117, 0.177517); 224 px tiles at 20x. Licence: not found in the sources read.
+    # 0.230117, 0.177517); 224 px tiles at 20x. Licence: Apache-2.0, not gated.
     "h_optimus_0": EmbedderPreset(
         "vit_giant_patch14_reg4_dinov2", num_features=1536, mpp=0.5,
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        hub_id="hf-hub:bioptimus/H-optimus-0", licence="not stated in the sources read"),
+        hub_id="hf-hub:bioptimus/H-optimus-0", licence="Apache-2.0"),
     # H-optimus-1: the H-optimus-0 architecture and transform (TRIDENT "hoptimus1").
-    # https://huggingface.co/bioptimus/H-optimus-1. Licence: not found; gated (TRIDENT asks for access).
+    # https://huggingface.co/bioptimus/H-optimus-1. Licence: CC-BY-NC-ND-4.0, gated.
     "h_optimus_1": EmbedderPreset(
         "vit_giant_patch14_reg4_dinov2", num_features=1536, mpp=0.5,
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        hub_id="hf-hub:bioptimus/H-optimus-1", licence="not stated in the sources read; gated: request access on the hub page",
+        hub_id="hf-hub:bioptimus/H-optimus-1", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
         gated=True),
     # H0-mini, ViT-B/14 distilled from H-optimus-0. https://huggingface.co/bioptimus/H0-mini (TRIDENT
-    # "h0-mini", eva's bioptimus_h0_mini): hf-hub config plus mlp_layer SwiGLUPacked, act_layer
-    # SiLU; embedding = the class token (768), TRIDENT's default. NOT SOURCED: the timm architecture
-    # name and that it has 4 registers (taken as vit_base_patch14_reg4_dinov2, the ViT-B of the
-    # H-optimus-0 family) and its mean/std (taken as H-optimus-0's, which it was distilled from).
+    # "h0-mini", eva's bioptimus_h0_mini, LazySlide's H0Mini): hf-hub config plus mlp_layer
+    # SwiGLUPacked, act_layer SiLU; H-optimus-0's mean/std (LazySlide); 224 px tiles at 20x.
+    # Embedding: the class token (768), TRIDENT's default; the card's example also shows class ‖
+    # patch mean (1536). Licence: CC-BY-NC-ND-4.0, gated. NOT SOURCED: the timm architecture
+    # name (taken as vit_base_patch14_reg4_dinov2; TRIDENT skips `num_prefix_tokens`, so it has
+    # registers, their number is assumed 4) and mlp_ratio (5.33334: with SwiGLUPacked it gives
+    # LazySlide's 85.7M parameters, where timm's default 4 gives 71.6M).
     "h0_mini": EmbedderPreset(
         "vit_base_patch14_reg4_dinov2", num_features=768, mpp=0.5,
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-        timm_kwargs={"img_size": 224, "global_pool": "token", "dynamic_img_size": True, **_VIT_SWIGLU},
-        hub_id="hf-hub:bioptimus/H0-mini", licence="not stated in the sources read; gated: request access on the hub page",
+        timm_kwargs={"img_size": 224, "mlp_ratio": 2.66667 * 2, "global_pool": "token", "dynamic_img_size": True,
+                     **_VIT_SWIGLU},
+        hub_id="hf-hub:bioptimus/H0-mini", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
         gated=True),
     # Prov-GigaPath tile encoder, ViT-g with 16 px patches. https://huggingface.co/prov-gigapath/prov-gigapath
     # (TRIDENT "gigapath"): vit_giant_patch14_dinov2 with patch_size 16, embed 1536, depth 40,
     # 24 heads, mlp_ratio 5.33334; Resize(256, bicubic) + CenterCrop(224), ImageNet mean/std;
-    # 256 px tiles at 20x, so a centre crop of a 0.5 µm/px tile. Licence: not found; gated.
+    # 256 px tiles at 20x, so a centre crop of a 0.5 µm/px tile. Licence: Apache-2.0 with
+    # conditions (non-commercial), gated.
     "prov_gigapath": EmbedderPreset(
         "vit_giant_patch14_dinov2", num_features=1536, mpp=0.5,
         timm_kwargs={"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
                      "mlp_ratio": 5.33334, "dynamic_img_size": True},
         hub_id="hf-hub:prov-gigapath/prov-gigapath",
-        licence="not stated in the sources read; gated: request access on the hub page", gated=True),
+        licence="Apache-2.0 with conditions (non-commercial); gated: request access on the hub page", gated=True),
     # Lunit's DINO ViT-S/8 ("Benchmarking Self-Supervised Learning on Diverse Pathology Datasets",
     # https://github.com/lunit-io/benchmark-ssl-pathology): mean (0.70322989, 0.53606487,
     # 0.66096631), std (0.21716536, 0.26081574, 0.20723464) as the authors' release notes state
@@ -172,4 +180,19 @@ PRESETS: dict[str, EmbedderPreset] = {
         licence="not stated in the sources read"),
 }
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "READOUTS", "EmbedderPreset", "Readout"]
+
+
+def preset_table() -> str:
+    """`radpath embedders`: one line per preset, with its width, input, µm/px, normalisation, read-out,
+    weights and licence."""
+    header = ("name", "L", "input", "µm/px", "normalization", "read-out", "weights", "licence")
+    rows = [header] + [
+        (name, str(p.num_features), f"{p.input_size} {p.crop}", "-" if p.mpp is None else f"{p.mpp:g}",
+         p.normalization, p.readout, p.hub_id or "-", p.licence or "-")
+        for name, p in PRESETS.items()
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]) for r in rows)
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "READOUTS", "EmbedderPreset", "Readout", "preset_table"]

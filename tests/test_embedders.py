@@ -22,6 +22,11 @@ PUBLISHED_WIDTH = {
     "h0_mini": 768, "prov_gigapath": 1536, "lunit_dino_vits8": 384, "kaiko_vits16": 384,
 }
 
+# Parameter counts (millions) as LazySlide's model zoo records them from the model cards: they pin
+# the architectures' hyperparameters (depth, width, MLP ratio, registers) that the width alone does not.
+PUBLISHED_PARAMS_M = {"uni": 303.4, "uni2_h": 681.4, "virchow": 631.2, "virchow2": 631.2, "h_optimus_0": 1130,
+                      "h_optimus_1": 1130, "h0_mini": 85.7, "prov_gigapath": 1130}
+
 
 def test_every_preset_has_a_published_width():
     assert sorted(PRESETS) == sorted(PUBLISHED_WIDTH)
@@ -35,6 +40,27 @@ def test_preset_builds_on_meta_with_its_published_width(name):
         out = model(torch.empty(2, 3, preset.input_size, preset.input_size))
     assert tuple(out.shape) == (2, PUBLISHED_WIDTH[name])
     assert embedding_width(model) == PUBLISHED_WIDTH[name]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS_M))
+def test_preset_architecture_has_the_published_parameter_count(name):
+    with torch.device("meta"):
+        params = sum(p.numel() for p in create_embedder(name).parameters())
+    assert params / 1e6 == pytest.approx(PUBLISHED_PARAMS_M[name], rel=0.005)
+
+
+def test_radpath_embedders_lists_every_preset():
+    from cli_checks import invoke
+
+    result = invoke(["embedders"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:5] == ["name", "L", "input", "µm/px", "normalization"]
+    listed = {line.split()[0]: line for line in lines[1:]}
+    assert sorted(listed) == sorted(PRESETS)
+    assert listed["virchow2"].split()[1:8] == ["2560", "224", "center", "0.5", "preset", "cls_patch_mean",
+                                               "hf-hub:paige-ai/Virchow2"]
+    assert "CC-BY-NC-ND-4.0" in listed["uni"] and "gated" in listed["uni"]
 
 
 def _own_state_dict(name: str) -> dict:
