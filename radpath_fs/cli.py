@@ -327,10 +327,12 @@ app.add_typer(weights_app, name="weights")
 
 @_command("weights fetch", weights_app)
 def weights_fetch(
-    tag: str = typer.Argument(..., help="NAME[.TAG], a timm model with pretrained weights, e.g. efficientnet_b0.ra_in1k"),
+    tag: str = typer.Argument(..., help="NAME[.TAG], a timm model with pretrained weights, e.g. "
+                              "efficientnet_b0.ra_in1k, or a preset whose weights are on the hub, e.g. uni"),
     out: Path = typer.Option(..., "--out", help="folder for <name>.safetensors and its pin <name>.json"),
 ):
-    """Download weights through timm (online machine); write them and their pin (SHA-256, source, licence)."""
+    """Download weights through timm (online machine); write them and their pin (SHA-256, source, licence).
+    Gated models need access granted on their hub page and HF_TOKEN set."""
     from radpath_fs.progress import info
     from radpath_fs.weights import fetch, pin_path
 

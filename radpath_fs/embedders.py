@@ -73,16 +73,6 @@ class FeatureMapMean(_Readout):
 _READOUTS = {"cls_patch_mean": ClassPatchMean, "feature_map_mean": FeatureMapMean}
 
 
-def _timm_kwargs(preset: EmbedderPreset) -> dict[str, Any]:
-    """The preset's ``timm.create_model`` arguments, a named ``mlp_layer`` resolved to its timm class."""
-    import timm.layers
-
-    kwargs = dict(preset.timm_kwargs)
-    if isinstance(kwargs.get("mlp_layer"), str):
-        kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
-    return kwargs
-
-
 def create_embedder(
     name: str = "efficientnet_b0",
     weights: str | os.PathLike | None = None,
@@ -118,7 +108,7 @@ def create_embedder(
         arch, preset_kwargs, readout = name, {}, "pooled"
     else:
         arch = preset.hub_id if pretrained and preset.hub_id else preset.model
-        preset_kwargs, readout = _timm_kwargs(preset), preset.readout
+        preset_kwargs, readout = preset.create_kwargs(), preset.readout
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **{**preset_kwargs, **kwargs})
@@ -130,6 +120,12 @@ def create_embedder(
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def timm_model(embedder) -> nn.Module:
+    """The timm model of an embedder of `create_embedder` (the trunk under its read-out): the
+    module whose state dict a published weights file holds."""
+    return embedder.trunk if isinstance(embedder, _Readout) else embedder
 
 
 def embedding_width(embedder) -> int:
@@ -190,7 +186,7 @@ def read_state_dict(path: Path) -> dict:
 def load_weights(model, weights: str | os.PathLike) -> None:
     """Load a local state dict into an embedder of `create_embedder` (its timm model, under any
     read-out); strict apart from the classifier."""
-    model = model.trunk if isinstance(model, _Readout) else model
+    model = timm_model(model)
     path = Path(weights)
     state = read_state_dict(path)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
@@ -292,6 +288,7 @@ __all__ = [
     "embedding_width",
     "load_weights",
     "preset_normalization",
+    "timm_model",
     "read_state_dict",
     "weights_hash",
 ]

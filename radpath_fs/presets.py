@@ -49,6 +49,15 @@ class EmbedderPreset:
         if self.readout not in READOUTS:
             raise ValueError(f"readout {self.readout!r}: expected one of {', '.join(READOUTS)}")
 
+    def create_kwargs(self) -> dict[str, Any]:
+        """The ``timm.create_model`` arguments, a named ``mlp_layer`` resolved to its timm class."""
+        kwargs = dict(self.timm_kwargs)
+        if isinstance(kwargs.get("mlp_layer"), str):
+            import timm.layers
+
+            kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
+        return kwargs
+
 
 # Sources. TRIDENT is the Mahmood lab's patch-encoder factory
 # (https://github.com/mahmoodlab/TRIDENT, trident/patch_encoder_models/load.py); its README's
