@@ -43,7 +43,7 @@ class EmbedderPreset:
     # embed.normalization when the config does not say: "preset" (the mean/std above) for
     # published encoders; "dataset" for the paper's fine-tuned CNNs, normalised by the training tiles.
     normalization: Literal["preset", "dataset"] = "preset"
-    gated: bool = False  # the hub asks for an accepted licence before it serves the weights
+    gated: bool = False  # the hub serves the weights only to accounts granted access
 
     def __post_init__(self):
         if self.readout not in READOUTS:
@@ -61,10 +61,10 @@ class EmbedderPreset:
 
 # Sources. TRIDENT is the Mahmood lab's patch-encoder factory
 # (https://github.com/mahmoodlab/TRIDENT, trident/patch_encoder_models/load.py); its README's
-# encoder table gives each encoder's tile size and magnification (20x, which is 0.5 µm/px).
-# Licences, gating and parameter counts: LazySlide's model zoo (https://github.com/rendeirolab/LazySlide,
-# src/lazyslide/models/vision/), which records each model card's; the meta-device test checks
-# the parameter counts of the architectures below against it.
+# encoder table gives each encoder's width, tile size, magnification (20x, which is 0.5 µm/px),
+# licence, and whether the hub gates it (a lock). LazySlide's model zoo
+# (https://github.com/rendeirolab/LazySlide, src/lazyslide/models/vision/) records licences, gating
+# and parameter counts; the meta-device test checks the architectures below against those counts.
 _VIT_SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "silu"}
 
 PRESETS: dict[str, EmbedderPreset] = {
@@ -92,7 +92,7 @@ PRESETS: dict[str, EmbedderPreset] = {
     "uni": EmbedderPreset(
         "vit_large_patch16_224", num_features=1024, crop="resize", mpp=0.5,
         timm_kwargs={"patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
-        hub_id="hf-hub:MahmoodLab/UNI", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
+        hub_id="hf-hub:MahmoodLab/UNI", licence="CC-BY-NC-ND-4.0",
         gated=True),
     # UNI2-h, ViT-H/14 with 8 register tokens. https://huggingface.co/MahmoodLab/UNI2-h (timm_kwargs
     # as in TRIDENT "uni_v2"): vit_giant_patch14_224, depth 24, 24 heads, embed 1536, mlp_ratio
@@ -103,7 +103,7 @@ PRESETS: dict[str, EmbedderPreset] = {
         timm_kwargs={"patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
                      "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True,
                      **_VIT_SWIGLU},
-        hub_id="hf-hub:MahmoodLab/UNI2-h", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
+        hub_id="hf-hub:MahmoodLab/UNI2-h", licence="CC-BY-NC-ND-4.0",
         gated=True),
     # Virchow, ViT-H/14. https://huggingface.co/paige-ai/Virchow (TRIDENT "virchow"):
     # vit_huge_patch14_224, init_values 1e-5, mlp_ratio 5.3375, global_pool "", SwiGLUPacked,
@@ -113,7 +113,7 @@ PRESETS: dict[str, EmbedderPreset] = {
         "vit_huge_patch14_224", num_features=2560, mpp=0.5, readout="cls_patch_mean",
         timm_kwargs={"init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
                      **_VIT_SWIGLU},
-        hub_id="hf-hub:paige-ai/Virchow", licence="Apache-2.0 with additional terms; gated: request access on the hub page",
+        hub_id="hf-hub:paige-ai/Virchow", licence="Apache-2.0 with additional terms",
         gated=True),
     # Virchow2: Virchow with 4 register tokens, which the read-out skips (TRIDENT takes
     # output[:, 5:]). https://huggingface.co/paige-ai/Virchow2. Trained on mixed magnifications
@@ -122,24 +122,26 @@ PRESETS: dict[str, EmbedderPreset] = {
         "vit_huge_patch14_224", num_features=2560, mpp=0.5, readout="cls_patch_mean",
         timm_kwargs={"init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "reg_tokens": 4,
                      "dynamic_img_size": True, **_VIT_SWIGLU},
-        hub_id="hf-hub:paige-ai/Virchow2", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
+        hub_id="hf-hub:paige-ai/Virchow2", licence="CC-BY-NC-ND-4.0",
         gated=True),
     # H-optimus-0, ViT-g/14 with 4 registers. https://huggingface.co/bioptimus/H-optimus-0
     # (TRIDENT "hoptimus0"; the eva framework's bioptimus backbones): vit_giant_patch14_reg4_dinov2,
     # init_values 1e-5, global_pool "token"; mean (0.707223, 0.578729, 0.703617), std (0.211883,
-    # 0.230117, 0.177517); 224 px tiles at 20x. Licence: Apache-2.0, not gated.
+    # 0.230117, 0.177517); 224 px tiles at 20x. Licence: Apache-2.0; TRIDENT marks it gated,
+    # LazySlide does not.
     "h_optimus_0": EmbedderPreset(
         "vit_giant_patch14_reg4_dinov2", num_features=1536, mpp=0.5,
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        hub_id="hf-hub:bioptimus/H-optimus-0", licence="Apache-2.0"),
+        hub_id="hf-hub:bioptimus/H-optimus-0", licence="Apache-2.0",
+        gated=True),
     # H-optimus-1: the H-optimus-0 architecture and transform (TRIDENT "hoptimus1").
     # https://huggingface.co/bioptimus/H-optimus-1. Licence: CC-BY-NC-ND-4.0, gated.
     "h_optimus_1": EmbedderPreset(
         "vit_giant_patch14_reg4_dinov2", num_features=1536, mpp=0.5,
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        hub_id="hf-hub:bioptimus/H-optimus-1", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
+        hub_id="hf-hub:bioptimus/H-optimus-1", licence="CC-BY-NC-ND-4.0",
         gated=True),
     # H0-mini, ViT-B/14 distilled from H-optimus-0. https://huggingface.co/bioptimus/H0-mini (TRIDENT
     # "h0-mini", eva's bioptimus_h0_mini, LazySlide's H0Mini): hf-hub config plus mlp_layer
@@ -154,7 +156,7 @@ PRESETS: dict[str, EmbedderPreset] = {
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
         timm_kwargs={"img_size": 224, "mlp_ratio": 2.66667 * 2, "global_pool": "token", "dynamic_img_size": True,
                      **_VIT_SWIGLU},
-        hub_id="hf-hub:bioptimus/H0-mini", licence="CC-BY-NC-ND-4.0; gated: request access on the hub page",
+        hub_id="hf-hub:bioptimus/H0-mini", licence="CC-BY-NC-ND-4.0",
         gated=True),
     # Prov-GigaPath tile encoder, ViT-g with 16 px patches. https://huggingface.co/prov-gigapath/prov-gigapath
     # (TRIDENT "gigapath"): vit_giant_patch14_dinov2 with patch_size 16, embed 1536, depth 40,
@@ -166,38 +168,39 @@ PRESETS: dict[str, EmbedderPreset] = {
         timm_kwargs={"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
                      "mlp_ratio": 5.33334, "dynamic_img_size": True},
         hub_id="hf-hub:prov-gigapath/prov-gigapath",
-        licence="Apache-2.0 with conditions (non-commercial); gated: request access on the hub page", gated=True),
+        licence="Apache-2.0 with conditions (non-commercial)", gated=True),
     # Lunit's DINO ViT-S/8 ("Benchmarking Self-Supervised Learning on Diverse Pathology Datasets",
     # https://github.com/lunit-io/benchmark-ssl-pathology): mean (0.70322989, 0.53606487,
     # 0.66096631), std (0.21716536, 0.26081574, 0.20723464) as the authors' release notes state
     # (quoted in eva's lunit backbones); timm weights at https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino
-    # (TRIDENT "lunit-vits8", 224 px tiles at 20x). Licence: not found in the sources read.
+    # (TRIDENT "lunit-vits8", 224 px tiles at 20x). Licence: Lunit non-commercial, not gated (TRIDENT).
     "lunit_dino_vits8": EmbedderPreset(
         "vit_small_patch8_224", num_features=384, mpp=0.5,
         mean=(0.70322989, 0.53606487, 0.66096631), std=(0.21716536, 0.26081574, 0.20723464),
         timm_kwargs={"dynamic_img_size": True},
-        hub_id="hf-hub:1aurent/vit_small_patch8_224.lunit_dino", licence="not stated in the sources read"),
+        hub_id="hf-hub:1aurent/vit_small_patch8_224.lunit_dino", licence="Lunit non-commercial"),
     # Kaiko ViT-S/16 ("Towards Large-Scale Training of Pathology Foundation Models",
     # https://github.com/kaiko-ai/towards_large_pathology_fms); timm weights at
     # https://huggingface.co/1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms
     # (TRIDENT "kaiko-vits16"): mean = std = (0.5, 0.5, 0.5), resize and centre crop to 224; TRIDENT
-    # tiles it at 256 px, 20x (trained on several magnifications). Licence: not found.
+    # tiles it at 256 px, 20x (trained on several magnifications). Licence: Kaiko non-commercial
+    # (https://github.com/kaiko-ai/towards_large_pathology_fms/blob/main/LICENSE), not gated (TRIDENT).
     "kaiko_vits16": EmbedderPreset(
         "vit_small_patch16_224", num_features=384, mpp=0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
         timm_kwargs={"dynamic_img_size": True},
         hub_id="hf-hub:1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        licence="not stated in the sources read"),
+        licence="Kaiko non-commercial"),
 }
 
 
 
 def preset_table() -> str:
     """`radpath embedders`: one line per preset, with its width, input, µm/px, normalisation, read-out,
-    weights and licence."""
-    header = ("name", "L", "input", "µm/px", "normalization", "read-out", "weights", "licence")
+    weights, whether the hub gates them, and licence."""
+    header = ("name", "L", "input", "µm/px", "normalization", "read-out", "weights", "access", "licence")
     rows = [header] + [
         (name, str(p.num_features), f"{p.input_size} {p.crop}", "-" if p.mpp is None else f"{p.mpp:g}",
-         p.normalization, p.readout, p.hub_id or "-", p.licence or "-")
+         p.normalization, p.readout, p.hub_id or "-", "gated" if p.gated else "open", p.licence or "-")
         for name, p in PRESETS.items()
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]

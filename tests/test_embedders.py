@@ -60,7 +60,8 @@ def test_radpath_embedders_lists_every_preset():
     assert sorted(listed) == sorted(PRESETS)
     assert listed["virchow2"].split()[1:8] == ["2560", "224", "center", "0.5", "preset", "cls_patch_mean",
                                                "hf-hub:paige-ai/Virchow2"]
-    assert "CC-BY-NC-ND-4.0" in listed["uni"] and "gated" in listed["uni"]
+    assert listed["uni"].split()[8:] == ["gated", "CC-BY-NC-ND-4.0"]
+    assert listed["lunit_dino_vits8"].split()[8] == "open"
 
 
 def _own_state_dict(name: str) -> dict:
