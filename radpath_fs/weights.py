@@ -68,12 +68,15 @@ def _pretrained_cfg(tag: str):
     return cfg
 
 
-def _hub_preset(tag: str):
-    """The preset `tag` names where its weights are on the Hugging Face hub (None otherwise)."""
+def _own_preset(tag: str):
+    """The preset `tag` names, where its weights are fetched under its own name: a preset with
+    weights that is not also a timm model (those are fetched by timm tag, e.g. efficientnet_b0.ra_in1k)."""
+    import timm
+
     from radpath_fs.presets import PRESETS
 
     preset = PRESETS.get(tag)
-    return preset if preset is not None and (preset.hub_id or "").startswith("hf-hub:") else None
+    return preset if preset is not None and preset.hub_id and not timm.is_model(tag) else None
 
 
 def _gated(error: BaseException) -> bool:
@@ -90,16 +93,18 @@ def _gated(error: BaseException) -> bool:
 def fetch(tag: str, out: str | os.PathLike) -> Path:
     """Download `tag`'s weights through timm and its hub; write them and their pin to `out`. Returns the file.
 
-    `tag`: a timm tag (NAME.TAG), or a preset whose weights are on the Hugging Face hub (`uni`),
-    fetched with the preset's own architecture; the file holds the timm model's keys, named
-    ``<preset>.safetensors``.
+    `tag`: a timm tag (NAME.TAG), or a preset (`uni`, `resnet50_trunc`) fetched from its `hub_id`
+    with its own architecture and arguments; the file, ``<preset>.safetensors``, holds the timm
+    model's keys (for a truncated model, only the layers it keeps).
     """
     import timm
     from safetensors.torch import save_file
 
-    preset = _hub_preset(tag)
+    preset = _own_preset(tag)
     if preset is not None:
-        name, full, repo, licence = tag, tag, preset.hub_id.removeprefix("hf-hub:"), preset.licence
+        name, full, licence = tag, tag, preset.licence
+        repo = (preset.hub_id.removeprefix("hf-hub:") if preset.hub_id.startswith("hf-hub:")
+                else _pretrained_cfg(preset.hub_id).hf_hub_id)
         # The timm model alone (no read-out): its keys are the ones `create_embedder` loads.
         build = functools.partial(timm.create_model, preset.hub_id, pretrained=True, num_classes=0,
                                   **preset.create_kwargs())
@@ -175,9 +180,9 @@ def verify_pin(path: Path, tag: str | None) -> dict:
 
 
 def _fetch_tag(name: str) -> str:
-    """What `radpath weights fetch` takes for embedder `name`: the preset itself where its weights
-    are on the hub, else a tag of the timm model."""
-    return name if _hub_preset(name) is not None else f"{name}.<tag>"
+    """What `radpath weights fetch` takes for embedder `name`: a preset fetched under its own name,
+    else a tag of the timm model."""
+    return name if _own_preset(name) is not None else f"{name}.<tag>"
 
 
 def check_weights(cfg: EmbedConfig) -> None:

@@ -204,3 +204,29 @@ def test_a_hub_presets_weights_are_fetched_with_its_architecture_and_pinned(tmp_
     cfg = EmbedConfig(name="lunit_dino_vits8", weights=path, weights_tag="lunit_dino_vits8")
     check_weights(cfg)
     assert torch.equal(create_embedder(cfg.name, cfg.weights_file).state_dict()["pos_embed"], load_file(str(path))["pos_embed"])
+
+
+def test_the_truncated_resnet_preset_fetches_only_the_layers_it_keeps(tmp_path, monkeypatch):
+    """resnet50_trunc is fetched from timm's resnet50.tv_in1k (timm's random initialisation stands in
+    for the hub here): the file holds conv1 to layer3 under timm's names, no layer4 and no classifier,
+    and is pinned under the preset's name, so a config can name it."""
+    built = []
+    create = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        built.append(name)
+        return create(name.split(".")[0], **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    result = invoke(["weights", "fetch", "resnet50_trunc", "--out", tmp_path / "w"])
+    assert result.exit_code == 0, result.output
+    assert built == ["resnet50.tv_in1k"]
+    path = tmp_path / "w" / "resnet50_trunc.safetensors"
+    keys = load_file(str(path))
+    assert "layer3.5.conv3.weight" in keys and not any(k.startswith(("layer4.", "fc.")) for k in keys)
+    pin = json.loads(path.with_suffix(".json").read_text())
+    assert pin["tag"] == "resnet50_trunc" and pin["hf_hub_id"] == "timm/resnet50.tv_in1k"
+    monkeypatch.setattr(timm, "create_model", create)
+    cfg = EmbedConfig(name="resnet50_trunc", weights=path, weights_tag="resnet50_trunc")
+    check_weights(cfg)
+    assert torch.equal(create_embedder(cfg.name, path).trunk.state_dict()["conv1.weight"], keys["conv1.weight"])
