@@ -5,11 +5,11 @@
   crop, normalisation). A new encoder is one entry; any other timm model name works too, with the
   facts timm states.
 - `create_embedder(name, weights=None, pretrained=False)`: the model without its classifier
-  (``num_classes=0``), its output the preset's read-out (`Readout`), so that embedding,
-  finetuning and bundles all get the same vector. Weights come from a local .safetensors/.pth state dict (tensors only:
-  safetensors, or ``torch.load(weights_only=True)`` whose restricted unpickler builds tensors and
-  containers and refuses everything else), from timm's own source when asked (``pretrained=True``,
-  online machines), or are random from a seed.
+  (``num_classes=0``), its output the preset's read-out (`presets.Readout`), so that embedding,
+  finetuning and bundles all get the same vector. Weights come from a local .safetensors/.pth
+  state dict (tensors only: safetensors, or ``torch.load(weights_only=True)`` whose restricted
+  unpickler builds tensors and containers and refuses everything else), from timm's own source
+  when asked (``pretrained=True``, online machines), or are random from a seed.
 - `check_file(path, embedder)` (`radpath weights check`): offline; the file's keys, shapes, output
   width and SHA-256, or an InputError naming the keys that do not fit.
 - `embedder_id(cfg)`: the store name of an embedder, encoding model, weights and transform,
