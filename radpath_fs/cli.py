@@ -41,12 +41,14 @@ class _BadOptions(Exception):
 
 
 def with_options(cfg, **options):
-    """`cfg` (a config section) with the options that were given (not None), validated like YAML."""
+    """`cfg` (a config section) with the options that were given (not None), validated like YAML.
+    Only what `cfg` was given is carried over: a default that follows another field (an embedder
+    preset's input size, crop and normalisation) follows that field's new value."""
     from pydantic import ValidationError
 
     update = {k: v for k, v in options.items() if v is not None}
     try:
-        return cfg.model_validate({**cfg.model_dump(), **update})
+        return cfg.model_validate({**cfg.model_dump(exclude_unset=True), **update})
     except ValidationError as e:
         raise _BadOptions(e) from None
 
@@ -177,11 +179,12 @@ def tile(
 def embed(
     store: str = StoreOpt,
     config: Path | None = ConfigOpt,
-    embedder: str | None = typer.Option(None, "--embedder", help="any timm model name"),
+    embedder: str | None = typer.Option(None, "--embedder", help="a preset (`radpath embedders`) or any timm model name"),
     weights: str | None = typer.Option(None, "--weights", help=".safetensors or .pth state dict (tensors only: "
                                        "weights_only loading), or `random`"),
-    normalization: str | None = typer.Option(None, "--normalization", help="dataset (the training tiles' mean/std; "
-                                             "every case's when none is labelled) or imagenet"),
+    normalization: str | None = typer.Option(None, "--normalization", help="preset (the encoder's own mean/std), dataset "
+                                             "(the training tiles'; every case's when none is labelled) or "
+                                             "imagenet; unset: the preset's choice"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     device: str = DeviceOpt,
     scheduler: str = SchedulerOpt,
@@ -309,6 +312,14 @@ def run(
     run_pipeline(load_config(pipeline), store=store, scheduler=scheduler, device=device)
 
 
+@_command("embedders")
+def embedders():
+    """The embedder presets: width, input, µm/px, normalisation, read-out, weights and licence."""
+    from radpath_fs.presets import preset_table
+
+    print(preset_table())
+
+
 weights_app = typer.Typer(help="Embedder weights: fetched once through timm's hub, pinned by SHA-256, checked offline.",
                           no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
@@ -316,10 +327,12 @@ app.add_typer(weights_app, name="weights")
 
 @_command("weights fetch", weights_app)
 def weights_fetch(
-    tag: str = typer.Argument(..., help="NAME[.TAG], a timm model with pretrained weights, e.g. efficientnet_b0.ra_in1k"),
+    tag: str = typer.Argument(..., help="NAME[.TAG], a timm model with pretrained weights, e.g. "
+                              "efficientnet_b0.ra_in1k, or a preset whose weights are on the hub, e.g. uni"),
     out: Path = typer.Option(..., "--out", help="folder for <name>.safetensors and its pin <name>.json"),
 ):
-    """Download weights through timm (online machine); write them and their pin (SHA-256, source, licence)."""
+    """Download weights through timm (online machine); write them and their pin (SHA-256, source, licence).
+    Gated models need access granted on their hub page and HF_TOKEN set."""
     from radpath_fs.progress import info
     from radpath_fs.weights import fetch, pin_path
 

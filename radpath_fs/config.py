@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from radpath_fs import CLASSES, MODALITIES
 from radpath_fs.errors import ConfigError, RadpathError
+from radpath_fs.presets import PRESETS
 from radpath_fs.scheduler import SCHEDULERS, check_scheduler
 
 
@@ -107,9 +108,15 @@ class EmbedConfig(Section):
     weights_tag: str | None = None
     pretrained: bool = False
     seed: int = 0  # draws the weights when they are random
-    crop: Literal["center", "resize"] = "center"
-    input_size: int = Field(224, ge=8)
-    normalization: Literal["dataset", "imagenet"] = "dataset"
+    # How a stored tile becomes the model's input, and its side. Unset: the preset's (`radpath
+    # embedders` lists them); for another timm model, a 224 px center crop.
+    crop: Literal["center", "resize"] | None = None
+    input_size: int | None = Field(None, ge=8)
+    # preset: the encoder's own mean/std (a preset's, or what timm states for a model's pretrained
+    # weights); dataset: the training tiles' (every case's when none is labelled); imagenet.
+    # Unset: the preset's choice (`preset` for published encoders, `dataset` for the paper's
+    # fine-tuned CNNs); `dataset` for another timm model.
+    normalization: Literal["preset", "dataset", "imagenet"] | None = None
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = Field(256, ge=1)
     compile: bool = False
@@ -123,6 +130,21 @@ class EmbedConfig(Section):
     # layer by layer and the pooled features keep little beyond a tile's mean colour. A few hundred
     # tiles pin each channel's mean and variance to well under a percent; more cost time only.
     calibration_tiles: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _preset_defaults(self):
+        preset = PRESETS.get(self.name)
+        defaults = {
+            "crop": preset.crop if preset else "center",
+            "input_size": preset.input_size if preset else 224,
+            "normalization": preset.normalization if preset else "dataset",
+        }
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                # Written past pydantic, so the field stays unset: the same config under another
+                # embed.name (`--embedder`) takes that embedder's defaults, not these.
+                self.__dict__[key] = value
+        return self
 
     @model_validator(mode="after")
     def _weights_source(self):

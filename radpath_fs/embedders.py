@@ -1,13 +1,15 @@
 """Embedders: tile encoders built by name, with their weights.
 
-- `PRESETS`: the embedders this package knows, each an `EmbedderPreset` record of facts (the model
-  to build, its embedding width L, the input size and normalisation it was trained with). A new
-  encoder is one entry; any other timm model name works too, with the facts timm states.
+- `PRESETS` (`radpath_fs.presets`): the embedders this package knows, each an `EmbedderPreset`
+  record of facts (the timm model and its arguments, the read-out, embedding width L, input size,
+  crop, normalisation). A new encoder is one entry; any other timm model name works too, with the
+  facts timm states.
 - `create_embedder(name, weights=None, pretrained=False)`: the model without its classifier
-  (``num_classes=0``). Weights come from a local .safetensors/.pth state dict (tensors only:
-  safetensors, or ``torch.load(weights_only=True)`` whose restricted unpickler builds tensors and
-  containers and refuses everything else), from timm's own source when asked (``pretrained=True``,
-  online machines), or are random from a seed.
+  (``num_classes=0``), its output the preset's read-out (`presets.Readout`), so that embedding,
+  finetuning and bundles all get the same vector. Weights come from a local .safetensors/.pth
+  state dict (tensors only: safetensors, or ``torch.load(weights_only=True)`` whose restricted
+  unpickler builds tensors and containers and refuses everything else), from timm's own source
+  when asked (``pretrained=True``, online machines), or are random from a seed.
 - `check_file(path, embedder)` (`radpath weights check`): offline; the file's keys, shapes, output
   width and SHA-256, or an InputError naming the keys that do not fit.
 - `embedder_id(cfg)`: the store name of an embedder, encoding model, weights and transform,
@@ -17,40 +19,58 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from radpath_fs.config import EmbedConfig
 from radpath_fs.errors import ConfigError, InputError
+from radpath_fs.presets import PRESETS, EmbedderPreset
 from radpath_fs.store import check_name
-from radpath_fs.transforms import IMAGENET_MEAN, IMAGENET_STD
 from radpath_fs.weights import pin_path, sha256_file, verify_pin
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-@dataclass(frozen=True)
-class EmbedderPreset:
-    """An embedder as data: what to build, and the facts about it that a pipeline needs."""
+class _Readout(nn.Module):
+    """A timm trunk whose output `forward` turns into the embedding. The trunk keeps its own
+    parameter names, so a published state dict loads into `trunk` as it is."""
 
-    model: str  # what ``timm.create_model`` builds (a timm name, or an ``hf-hub:org/name`` id)
-    num_features: int  # L, the width of one tile's embedding
-    input_size: int = 224  # the tile side it was trained at
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # the normalisation it was trained with
-    std: tuple[float, float, float] = IMAGENET_STD
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # further ``timm.create_model`` arguments
+    def __init__(self, trunk: nn.Module, num_features: int):
+        super().__init__()
+        self.trunk = trunk
+        self.num_features = num_features
 
 
-# embed.name -> preset. Names not here are built as timm models of that name. An encoder published
-# on the Hugging Face hub is one more entry, e.g.
-#   "uni": EmbedderPreset("hf-hub:MahmoodLab/uni", num_features=1024,
-#                         timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True}),
-PRESETS: dict[str, EmbedderPreset] = {
-    "efficientnet_b0": EmbedderPreset("efficientnet_b0", num_features=1280),
-    "mobilenetv3_small_050": EmbedderPreset("mobilenetv3_small_050", num_features=1024),
-    "resnet18": EmbedderPreset("resnet18", num_features=512),
-}
+class ClassPatchMean(_Readout):
+    """Class token ‖ mean of the patch tokens, register tokens excluded (Virchow, Virchow2).
+
+    timm puts the prefix tokens first, the class token then the registers (`num_prefix_tokens`
+    in all), so the patch tokens are the ones after them."""
+
+    def __init__(self, trunk: nn.Module):
+        if getattr(trunk, "cls_token", None) is None:
+            raise ConfigError(f"read-out cls_patch_mean: {type(trunk).__name__} has no class token")
+        super().__init__(trunk, 2 * trunk.num_features)
+
+    def forward(self, x):
+        tokens = self.trunk.forward_features(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.trunk.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+class FeatureMapMean(_Readout):
+    """Spatial mean of the last feature map of a ``features_only`` trunk (CLAM's truncated ResNet-50)."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__(trunk, trunk.feature_info.channels()[-1])
+
+    def forward(self, x):
+        return self.trunk(x)[-1].mean(dim=(2, 3))
+
+
+_READOUTS = {"cls_patch_mean": ClassPatchMean, "feature_map_mean": FeatureMapMean}
 
 
 def create_embedder(
@@ -61,18 +81,18 @@ def create_embedder(
     seed: int = 0,
     **kwargs: Any,
 ):
-    """Embedder `name` (a `PRESETS` entry, or any timm model) with the classifier removed;
-    `embedding_width(model)` is the embedding size L.
+    """Embedder `name` (a `PRESETS` entry, or any timm model) with the classifier removed and the
+    preset's read-out applied; `embedding_width(model)` is the embedding size L.
 
-    `weights`: a local state dict (.safetensors, or .pth/.pt/.bin read with ``weights_only``);
-    classifier keys in it are ignored, any other mismatch is an InputError naming the file and
-    the first offending keys. `pretrained=True` downloads through timm (only when asked).
+    `weights`: a local state dict (.safetensors, or .pth/.pt/.bin read with ``weights_only``) with
+    the timm model's own key names; classifier keys in it are ignored, any other mismatch is an
+    InputError naming the file and the first offending keys. `pretrained=True` downloads through
+    timm (only when asked), from the preset's `hub_id` where it has one.
     Otherwise (None or ``"random"``) the weights are timm's random initialisation drawn from `seed`
     (reproducible).
     Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_rate``).
     """
     import timm
-    import torch
 
     preset = PRESETS.get(name)
     if preset is None and not timm.is_model(name):
@@ -84,10 +104,16 @@ def create_embedder(
         weights = None
     if weights is not None and pretrained:
         raise ConfigError("embed: give either weights (a local file) or pretrained=True, not both")
+    if preset is None:
+        arch, preset_kwargs, readout = name, {}, "pooled"
+    else:
+        arch = preset.hub_id if pretrained and preset.hub_id else preset.model
+        preset_kwargs, readout = preset.create_kwargs(), preset.readout
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        arch, preset_kwargs = (name, {}) if preset is None else (preset.model, preset.timm_kwargs)
         model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **{**preset_kwargs, **kwargs})
+    if readout in _READOUTS:
+        model = _READOUTS[readout](model)
     if preset is not None and embedding_width(model) != preset.num_features:
         raise ConfigError(f"embedder preset {name!r} says L={preset.num_features}, "
                           f"and {preset.model} gives {embedding_width(model)}; correct PRESETS")
@@ -96,11 +122,36 @@ def create_embedder(
     return model
 
 
+def timm_model(embedder) -> nn.Module:
+    """The timm model of an embedder of `create_embedder` (the trunk under its read-out): the
+    module whose state dict a published weights file holds."""
+    return embedder.trunk if isinstance(embedder, _Readout) else embedder
+
+
 def embedding_width(embedder) -> int:
-    """L, the width of what a timm model made with num_classes=0 returns. Where a model has a head
-    stage after its features (MobileNetV3, LCNet, GhostNet), timm's `num_features` is the width
-    before that stage and `head_hidden_size` the width of the output."""
+    """L, the width of what `create_embedder` returns. Where a timm model has a head stage after
+    its features (MobileNetV3, LCNet, GhostNet), timm's `num_features` is the width before that
+    stage and `head_hidden_size` the width of the output."""
     return int(getattr(embedder, "head_hidden_size", None) or embedder.num_features)
+
+
+def preset_normalization(name: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of ``embed.normalization: preset``: the preset's, or, for another timm model,
+    the ones timm states for its default pretrained weights."""
+    import timm
+
+    preset = PRESETS.get(name)
+    if preset is not None:
+        return list(preset.mean), list(preset.std)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm's word for a model without pretrained weights
+        cfg = None
+    # A model without published weights has a placeholder config: its mean/std belong to no training.
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file) or cfg.mean is None or cfg.std is None:
+        raise ConfigError(f"embed.normalization: preset: {name} is not a preset and timm has no pretrained "
+                          "weights of it to take a mean/std from; use dataset or imagenet")
+    return list(cfg.mean), list(cfg.std)
 
 
 def read_state_dict(path: Path) -> dict:
@@ -133,7 +184,9 @@ def read_state_dict(path: Path) -> dict:
 
 
 def load_weights(model, weights: str | os.PathLike) -> None:
-    """Load a local state dict into a timm model made with ``num_classes=0``; strict apart from the classifier."""
+    """Load a local state dict into an embedder of `create_embedder` (its timm model, under any
+    read-out); strict apart from the classifier."""
+    model = timm_model(model)
     path = Path(weights)
     state = read_state_dict(path)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
@@ -234,6 +287,8 @@ __all__ = [
     "embedder_record",
     "embedding_width",
     "load_weights",
+    "preset_normalization",
+    "timm_model",
     "read_state_dict",
     "weights_hash",
 ]

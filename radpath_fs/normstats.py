@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from radpath_fs.config import EmbedConfig
-from radpath_fs.embedders import create_embedder, embedder_id
+from radpath_fs.embedders import create_embedder, embedder_id, preset_normalization
 from radpath_fs.errors import StoreError
 from radpath_fs.layout import MOMENTS_JSON, NORMALIZATION_JSON, TILES, calibration_path
 from radpath_fs.progress import info
@@ -204,7 +204,9 @@ def tile_normalization(
 
 
 def normalization_stats(store: Store, cfg: EmbedConfig, magnifications: list[float] | None) -> tuple[list[float], list[float]]:
-    """The (mean, std) a transform uses: ImageNet's, or the training tiles' at those magnifications."""
+    """The (mean, std) a transform uses: the encoder's own, ImageNet's, or the training tiles' at those magnifications."""
+    if cfg.normalization == "preset":
+        return preset_normalization(cfg.name)
     if cfg.normalization == "imagenet":
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return tile_normalization(store, magnifications)

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from radpath_fs.presets import IMAGENET_MEAN, IMAGENET_STD
+
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale (contrast and saturation blend towards it).
 _LUMA = (0.2989, 0.587, 0.114)
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -67,34 +68,78 @@ def _pretrained_cfg(tag: str):
     return cfg
 
 
+def _own_preset(tag: str):
+    """The preset `tag` names, where its weights are fetched under its own name: a preset with
+    weights that is not also a timm model (those are fetched by timm tag, e.g. efficientnet_b0.ra_in1k)."""
+    import timm
+
+    from radpath_fs.presets import PRESETS
+
+    preset = PRESETS.get(tag)
+    return preset if preset is not None and preset.hub_id and not timm.is_model(tag) else None
+
+
+def _gated(error: BaseException) -> bool:
+    """Whether the hub refused the download because the repository is gated (timm may wrap its error)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    while error is not None:
+        if isinstance(error, GatedRepoError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def fetch(tag: str, out: str | os.PathLike) -> Path:
-    """Download `tag`'s weights through timm and its hub; write them and their pin to `out`. Returns the file."""
+    """Download `tag`'s weights through timm and its hub; write them and their pin to `out`. Returns the file.
+
+    `tag`: a timm tag (NAME.TAG), or a preset (`uni`, `resnet50_trunc`) fetched from its `hub_id`
+    with its own architecture and arguments; the file, ``<preset>.safetensors``, holds the timm
+    model's keys (for a truncated model, only the layers it keeps).
+    """
     import timm
     from safetensors.torch import save_file
 
-    cfg = _pretrained_cfg(tag)
-    full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    preset = _own_preset(tag)
+    if preset is not None:
+        name, full, licence = tag, tag, preset.licence
+        repo = (preset.hub_id.removeprefix("hf-hub:") if preset.hub_id.startswith("hf-hub:")
+                else _pretrained_cfg(preset.hub_id).hf_hub_id)
+        # The timm model alone (no read-out): its keys are the ones `create_embedder` loads.
+        build = functools.partial(timm.create_model, preset.hub_id, pretrained=True, num_classes=0,
+                                  **preset.create_kwargs())
+    else:
+        cfg = _pretrained_cfg(tag)
+        name, repo, licence = cfg.architecture, cfg.hf_hub_id, cfg.license
+        full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+        build = functools.partial(timm.create_model, full, pretrained=True)
     try:
-        model = timm.create_model(full, pretrained=True)
+        model = build()
     except Exception as e:  # the hub raises its own errors (offline, not found, HTTP); one line says which
+        if _gated(e):
+            raise RadpathError(
+                f"{full}: the weights at https://huggingface.co/{repo} are gated. Request access on that page "
+                "(signed in), then set HF_TOKEN to a token of that account and fetch again; or download the "
+                f"weights there and set embed.weights to the file (`radpath weights check FILE --embedder {name}` "
+                "checks that it fits)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RadpathError(f"{full}: timm could not fetch the weights ({type(e).__name__}: {first})") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{cfg.architecture}.safetensors"
+    path = out / f"{name}.safetensors"
     tmp = path.with_name(f".{path.name}.tmp")
     # Clones: safetensors refuses tensors that share memory.
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
-    info = cfg.to_dict()
+    info = dict(getattr(model, "pretrained_cfg", None) or {})
     record = {
         "file": path.name,
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
         "tag": full,
-        "hf_hub_id": info.get("hf_hub_id"),
+        "hf_hub_id": repo,
         "pretrained_cfg": {k: info[k] for k in PRETRAINED_KEYS if k in info},
-        "license": info.get("license"),
+        "license": licence,
         "timm_version": timm.__version__,
         "fetched": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -134,12 +179,18 @@ def verify_pin(path: Path, tag: str | None) -> dict:
     return record
 
 
+def _fetch_tag(name: str) -> str:
+    """What `radpath weights fetch` takes for embedder `name`: a preset fetched under its own name,
+    else a tag of the timm model."""
+    return name if _own_preset(name) is not None else f"{name}.<tag>"
+
+
 def check_weights(cfg: EmbedConfig) -> None:
     """Refuse, before any work, an embedder whose weights are unsaid, missing or not the pinned file."""
     if cfg.weights is None and not cfg.pretrained:
         raise ConfigError(
-            f"embed.weights is not set: name a weights file ({fetch_command(f'{cfg.name}.<tag>', Path('weights'))} "
-            "fetches timm's), or say `random` (--weights random) for random weights")
+            f"embed.weights is not set: name a weights file ({fetch_command(_fetch_tag(cfg.name), Path('weights'))} "
+            "fetches the published ones), or say `random` (--weights random) for random weights")
     if cfg.weights_tag is not None:
         verify_pin(cfg.weights_file, cfg.weights_tag)
     elif cfg.weights_file is not None and not cfg.weights_file.is_file():

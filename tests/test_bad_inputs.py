@@ -314,10 +314,10 @@ def test_every_command_takes_the_options_design_md_gives_it(tmp_path, name):
 
 
 def test_the_contract_lists_every_command():
-    # synth writes a cohort folder, not a store; predict-case reads a bundle; bundle and weights
-    # (which works on weights files, not a store) are groups.
+    # synth writes a cohort folder, not a store; predict-case reads a bundle; embedders lists the
+    # presets; bundle and weights (which works on weights files, not a store) are groups.
     commands = set(typer.main.get_command(app).commands)
-    assert commands == set(CONTRACT) | {"synth", "predict-case", "bundle", "weights"}
+    assert commands == set(CONTRACT) | {"synth", "predict-case", "embedders", "bundle", "weights"}
 
 
 # ---- --skip-errors: the batch finishes and its failures are listed in a table ------------------

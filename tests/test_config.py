@@ -63,6 +63,7 @@ def test_demo_pipeline_loads():
         ({"embed": {"weights": "weights/efficientnet_b0.safetensors", "weights_tag": "resnet18.a1_in1k"}}, "embed",
          "not a tag of the embedder"),
         ({"embed": {"weights": "random", "pretrained": True}}, "embed", "not both"),
+        ({"embed": {"normalization": "slide"}}, "embed.normalization", "'preset', 'dataset' or 'imagenet'"),
     ],
 )
 def test_config_errors_name_the_key(data, key, words):

@@ -18,8 +18,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "radpath_fs"
 
 # Modules that must stay importable without torch: fusion runs offline on prediction tables, and
 # the embedding reader serves fusion-side tools; fusion reads the store's names and the metrics.
+# The config takes its embedder defaults from the presets, which are data.
 TORCH_FREE = ["radpath_fs.fusion", "radpath_fs.embeddings", "radpath_fs.folds", "radpath_fs.layout",
-              "radpath_fs.metrics"]
+              "radpath_fs.metrics", "radpath_fs.presets", "radpath_fs.config"]
 
 
 def _modules() -> dict[str, Path]:

@@ -195,7 +195,7 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
     from safetensors.torch import save_file
 
     from radpath_fs.config import EmbedConfig
-    from radpath_fs.embedders import embedder_record, weights_hash
+    from radpath_fs.embedders import embedder_record, timm_model, weights_hash
     from radpath_fs.normstats import calibration_hash, store_embedder
 
     first = configs[0]
@@ -234,7 +234,8 @@ def _embedder_record(store: Store, eid: str, configs: list[dict], out: Path) -> 
         if changed:
             warn(f"embedder {eid}: {'; '.join(changed)}; its rebuilt weights may not be those that made the "
                  "embeddings (export on the machine that embedded the store)")
-    model = store_embedder(store, ecfg)
+    # The timm model under any read-out: predict-case loads the file as embed.weights, which hold its keys.
+    model = timm_model(store_embedder(store, ecfg))
     path = out / record["file"]
     path.parent.mkdir(parents=True)
     # Clones: safetensors refuses tensors that share memory.
