@@ -7,7 +7,7 @@ the source is named in a comment above it, and a fact the source does not give s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,6 +67,18 @@ class EmbedderPreset:
 # and parameter counts; the meta-device test checks the architectures below against those counts.
 _VIT_SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "silu"}
 
+# H-optimus-0, ViT-g/14 with 4 registers. https://huggingface.co/bioptimus/H-optimus-0
+# (TRIDENT "hoptimus0"; the eva framework's bioptimus backbones): vit_giant_patch14_reg4_dinov2,
+# init_values 1e-5, global_pool "token"; mean (0.707223, 0.578729, 0.703617), std (0.211883,
+# 0.230117, 0.177517); 224 px tiles at 20x. Licence: Apache-2.0; TRIDENT marks it gated,
+# LazySlide does not.
+_H_OPTIMUS_0 = EmbedderPreset(
+    "vit_giant_patch14_reg4_dinov2", num_features=1536, mpp=0.5,
+    mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
+    timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
+    hub_id="hf-hub:bioptimus/H-optimus-0", licence="Apache-2.0",
+    gated=True)
+
 PRESETS: dict[str, EmbedderPreset] = {
     # The paper's encoder (CPM-RadPath 2020): ImageNet EfficientNet-b0, fine-tuned end to end on
     # tiles normalised by the training set's statistics.
@@ -124,25 +136,10 @@ PRESETS: dict[str, EmbedderPreset] = {
                      "dynamic_img_size": True, **_VIT_SWIGLU},
         hub_id="hf-hub:paige-ai/Virchow2", licence="CC-BY-NC-ND-4.0",
         gated=True),
-    # H-optimus-0, ViT-g/14 with 4 registers. https://huggingface.co/bioptimus/H-optimus-0
-    # (TRIDENT "hoptimus0"; the eva framework's bioptimus backbones): vit_giant_patch14_reg4_dinov2,
-    # init_values 1e-5, global_pool "token"; mean (0.707223, 0.578729, 0.703617), std (0.211883,
-    # 0.230117, 0.177517); 224 px tiles at 20x. Licence: Apache-2.0; TRIDENT marks it gated,
-    # LazySlide does not.
-    "h_optimus_0": EmbedderPreset(
-        "vit_giant_patch14_reg4_dinov2", num_features=1536, mpp=0.5,
-        mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-        timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        hub_id="hf-hub:bioptimus/H-optimus-0", licence="Apache-2.0",
-        gated=True),
+    "h_optimus_0": _H_OPTIMUS_0,
     # H-optimus-1: the H-optimus-0 architecture and transform (TRIDENT "hoptimus1").
     # https://huggingface.co/bioptimus/H-optimus-1. Licence: CC-BY-NC-ND-4.0, gated.
-    "h_optimus_1": EmbedderPreset(
-        "vit_giant_patch14_reg4_dinov2", num_features=1536, mpp=0.5,
-        mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-        timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
-        hub_id="hf-hub:bioptimus/H-optimus-1", licence="CC-BY-NC-ND-4.0",
-        gated=True),
+    "h_optimus_1": replace(_H_OPTIMUS_0, hub_id="hf-hub:bioptimus/H-optimus-1", licence="CC-BY-NC-ND-4.0"),
     # H0-mini, ViT-B/14 distilled from H-optimus-0. https://huggingface.co/bioptimus/H0-mini (TRIDENT
     # "h0-mini", eva's bioptimus_h0_mini, LazySlide's H0Mini): hf-hub config plus mlp_layer
     # SwiGLUPacked, act_layer SiLU; H-optimus-0's mean/std (LazySlide); 224 px tiles at 20x.
@@ -191,7 +188,6 @@ PRESETS: dict[str, EmbedderPreset] = {
         hub_id="hf-hub:1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
         licence="Kaiko non-commercial"),
 }
-
 
 
 def preset_table() -> str:
