@@ -102,3 +102,13 @@ def test_light_modules_import_no_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert run.returncode == 0, f"{module} imports torch{': ' + run.stderr[-2000:] if run.stderr else ''}"
+
+
+def test_the_benchmarks_collect():
+    """`make bench` modules import what they use from the tests (collected only, nothing run): a
+    helper renamed in a test module must not break them unseen."""
+    root = PACKAGE.parent
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        "-o", "addopts=", str(root / "tests" / "benchmarks")], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "bench_mil.py::test_2_5x_against_permuted_labels" in r.stdout

@@ -9,7 +9,9 @@ state. Target: under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,12 +26,15 @@ from radpath_fs.mil import train_wsi
 from radpath_fs.store import Store
 from radpath_fs.training import wsi_run_id
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the helpers below and chain_data
+
+from test_mil import cases_frame, write_embeddings  # noqa: E402
+from test_mil_accuracy import accuracy_chain, accuracy_head_config, out_of_fold_balanced_accuracy  # noqa: E402
+
 CASES, EPOCHS, L, FOLDS = 221, 50, 1280, 5
 
 
 def _store(path) -> tuple[Store, PipelineConfig]:
-    from tests.test_mil import cases_frame, write_embeddings
-
     rng = np.random.default_rng(0)
     labels = rng.permutation(["G"] * 133 + ["A"] * 54 + ["O"] * 34)  # the CPM-RadPath training set
     store = Store(path, create=True)
@@ -65,23 +70,18 @@ def test_head_mode_221_slides_50_epochs(tmp_path):
 def test_head_mode_accuracy_on_a_synthetic_cohort(tmp_path):
     """Out-of-fold balanced accuracy of head-mode models on a synthetic cohort taken through the
     real stage one, at 20x (where the generator draws the class, in detail finer than 5 µm) and
-    at 2.5x (where the tiler's downsampling leaves none of it). 90 balanced cases, 3 folds, random-weight embedder
-    (RADPATH_BENCH_EMBEDDER, default test_efficientnet). Reported, not asserted (test_mil.py
-    asserts it with a random MobileNetV3): with random features this measures the generator's
-    signal as much as the classifier."""
+    at 2.5x (where the tiler's downsampling leaves none of it). 90 balanced cases, 3 folds, a
+    random-weight embedder (RADPATH_BENCH_EMBEDDER, default test_efficientnet),
+    test_mil_accuracy.py's head settings. Reported, not asserted (test_mil_accuracy.py asserts it
+    with a random MobileNetV3): with random features this measures the generator's signal as much
+    as the classifier."""
     import os
 
-    from tests.test_mil import out_of_fold_balanced_accuracy, synthetic_chain
-
     embedder = os.environ.get("RADPATH_BENCH_EMBEDDER", "test_efficientnet")
+    cfg = accuracy_head_config(embedder)
     t0 = time.perf_counter()
-    store = synthetic_chain(tmp_path, cases=90, unlabelled=0, folds=3, embedder=embedder, seed=1)
+    store = accuracy_chain(tmp_path, cfg, seed=1)
     chain_s = time.perf_counter() - t0
-    cfg = PipelineConfig.model_validate({
-        "embed": {"name": embedder, "weights": "random", "input_size": 64},
-        "wsi": {"mode": "head", "epochs": 50, "snapshots": [-1], "lr": 1e-3},
-        "predict": {"repeats": 10},
-    })
     lines = [f"\nsynthetic cohort, 90 cases, embedder {embedder} (random weights); stage one {chain_s:.0f} s"]
     for mag in (20, 2.5):
         accuracy, n = out_of_fold_balanced_accuracy(store, cfg, mag, folds=3)
@@ -93,7 +93,7 @@ def test_head_mode_accuracy_on_a_synthetic_cohort(tmp_path):
 def test_2_5x_against_permuted_labels(tmp_path):
     """A permutation test of the 2.5x result: the same synthetic cohort (90 cases, 3 folds, real
     stage one) trained and scored out of fold with its true labels and with labels permuted
-    within each fold (RADPATH_BENCH_PERMUTATIONS times, default 20), with test_mil.py's head
+    within each fold (RADPATH_BENCH_PERMUTATIONS times, default 20), with test_mil_accuracy.py's head
     settings. Reports the true accuracy, the null mean and SD, and the permutation p-value.
     Asserted only against a clear leak: the true labels more than 4 null SDs above the null mean
     (the generator before its coarse content was made class-independent gave 0.62 with
@@ -101,12 +101,10 @@ def test_2_5x_against_permuted_labels(tmp_path):
     import os
     import shutil
 
-    from tests.test_mil import accuracy_head_config, out_of_fold_balanced_accuracy, synthetic_chain
-
     embedder = os.environ.get("RADPATH_BENCH_EMBEDDER", "test_efficientnet")
     permutations = int(os.environ.get("RADPATH_BENCH_PERMUTATIONS", "20"))
-    store = synthetic_chain(tmp_path, cases=90, unlabelled=0, folds=3, embedder=embedder, seed=1, mags=(2.5,))
     cfg = accuracy_head_config(embedder)
+    store = accuracy_chain(tmp_path, cfg, seed=1)
     true_accuracy, _ = out_of_fold_balanced_accuracy(store, cfg, 2.5, folds=3)
     cases = store.cases()
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ def test_real_chain_synth_tile_embed_train_predict(chain_reference, tmp_path):
     """synth -> ingest -> tile -> embed -> train-wsi (head) -> predict on a small synthetic cohort
     (the session's chain store; another magnification trained on a copy): every module's real
     output feeds the next, and the tables come out in the contract's shape. (Accuracy on a
-    synthetic cohort: tests/test_mil.py.)"""
+    synthetic cohort: tests/test_mil_accuracy.py.)"""
     _, reference = chain_reference
     shutil.copytree(reference.root, tmp_path / "store")
     store = Store(tmp_path / "store")
