@@ -200,3 +200,43 @@ def test_a_vit_preset_embeds_a_store_with_its_own_normalisation(tmp_path):
     stored = read_embeddings(store, eid, "c0", 20)
     assert stored.shape == (6, 384)
     np.testing.assert_allclose(stored, _recompute(store, eid, "c0", 20, range(6)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_mode_model_trains_and_predicts_on_a_foundation_presets_embeddings(tmp_path):
+    """Kaiko's ViT-S/16 (random weights) through the real chain: stage two takes the embedding width
+    from the store (384, not any CNN's), and the model and its predictions name the preset's
+    embedder."""
+    from chain_data import CHAIN, run_chain, synth_data
+
+    from radpath_fs.config import PipelineConfig
+    from radpath_fs.layout import model_config_path, prediction_table_name
+
+    settings = CHAIN.model_dump(mode="json", exclude_unset=True)
+    settings["embed"] = {**settings["embed"], "name": "kaiko_vits16"}  # the preset's own transform defaults
+    cfg = PipelineConfig.model_validate(settings)
+    assert cfg.embed.normalization == "preset" and cfg.embed.input_size == CHAIN.embed.input_size
+    store = run_chain(str(tmp_path / "store"), synth_data(tmp_path / "data"), cfg)
+    model_id = f"wsi-mag20-fold0-e{cfg.wsi.epochs - 1}"
+    config = store.read_json(model_config_path(model_id))
+    assert config["embedder"]["id"] == embedder_id(cfg.embed) == "kaiko_vits16-random-s0-c64-preset"
+    assert config["head"]["in_features"] == PUBLISHED_WIDTH["kaiko_vits16"]
+    oof = store.read_table(prediction_table_name(model_id, "oof"))
+    assert len(oof) > 0 and np.allclose(oof[["prob_A", "prob_O", "prob_G"]].sum(axis=1), 1, atol=1e-5)
+
+
+def test_the_foundation_recipe_is_the_papers_chain_with_the_presets_transform():
+    """pipelines/uni2_head.yaml: the preset's input, resize and normalisation; head mode at the
+    encoder's 20x; the MRI, inference and fusion are the paper's recipe."""
+    from pathlib import Path
+
+    from radpath_fs.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    cfg, paper = load_config(root / "uni2_head.yaml"), load_config(root / "cpm2020.yaml")
+    preset = PRESETS[cfg.embed.name]
+    assert (cfg.embed.input_size, cfg.embed.crop, cfg.embed.normalization) == (preset.input_size, preset.crop, "preset")
+    assert preset.mpp == 0.5 and cfg.wsi.mode == "head" and cfg.wsi.magnifications == cfg.embed.magnifications == [20]
+    for section in ("mri", "predict", "fusion"):
+        assert getattr(cfg, section) == getattr(paper, section), section
+    assert (cfg.wsi.epochs, cfg.wsi.snapshots, cfg.wsi.tiles_per_slide) == (paper.wsi.epochs, paper.wsi.snapshots,
+                                                                           paper.wsi.tiles_per_slide)
