@@ -240,3 +240,30 @@ def test_the_foundation_recipe_is_the_papers_chain_with_the_presets_transform():
         assert getattr(cfg, section) == getattr(paper, section), section
     assert (cfg.wsi.epochs, cfg.wsi.snapshots, cfg.wsi.tiles_per_slide) == (paper.wsi.epochs, paper.wsi.snapshots,
                                                                            paper.wsi.tiles_per_slide)
+
+
+def test_a_vit_preset_embeds_the_real_cmu1_tiles_end_to_end(tmp_path):
+    """Kaiko's ViT-S/16 (random weights) with its own transform (centre crop to 224, mean = std =
+    0.5) on the 20x tiles of the real CMU-1 H&E slide: one vector per kept tile, and the stored
+    vectors equal a recomputation from the stored pixels with the recorded transform."""
+    from test_embed import _recompute
+    from test_tile import CMU, case_row
+    from test_tile import make_store as slide_store
+
+    from radpath_fs import wsi
+    from radpath_fs.config import TileConfig
+    from radpath_fs.embed import embed_store
+    from radpath_fs.embeddings import embedding_attrs, read_embeddings
+
+    store = slide_store(tmp_path / "s", [case_row("CMU1", CMU, 0.499)])
+    wsi.tile_store(store.url, TileConfig(tile_size=256, magnifications=[20]))
+    cfg = EmbedConfig(name="kaiko_vits16", weights="random", magnifications=[20], dtype="float32", batch_size=32)
+    summary = embed_store(store.url, cfg, device="cpu")
+    eid, n = summary["embedder_id"], wsi.tile_count(store, "CMU1", 20)
+    assert eid == "kaiko_vits16-random-s0-c224-preset" and summary["tiles"] == n >= 20
+    transform = embedding_attrs(store, eid, "CMU1", 20)["transform"]
+    assert (transform["crop"], transform["size"], transform["mean"]) == ("center", 224, [0.5, 0.5, 0.5])
+    stored = read_embeddings(store, eid, "CMU1", 20)
+    assert stored.shape == (n, PUBLISHED_WIDTH["kaiko_vits16"]) and np.isfinite(stored).all()
+    rows = list(range(0, n, 3))
+    np.testing.assert_allclose(stored[rows], _recompute(store, eid, "CMU1", 20, rows), rtol=1e-4, atol=1e-4)
