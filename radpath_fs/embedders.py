@@ -104,11 +104,8 @@ def create_embedder(
         weights = None
     if weights is not None and pretrained:
         raise ConfigError("embed: give either weights (a local file) or pretrained=True, not both")
-    if preset is None:
-        arch, preset_kwargs, readout = name, {}, "pooled"
-    else:
-        arch = preset.hub_id if pretrained and preset.hub_id else preset.model
-        preset_kwargs, readout = preset.create_kwargs(), preset.readout
+    arch, preset_kwargs = (name, {}) if preset is None else preset.timm_args(pretrained)
+    readout = "pooled" if preset is None else preset.readout
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **{**preset_kwargs, **kwargs})
@@ -155,8 +152,6 @@ def preset_normalization(name: str) -> tuple[list[float], list[float]]:
 
 
 def read_state_dict(path: Path) -> dict:
-    import torch
-
     from radpath_fs.training import load_safetensors_bytes
 
     if not path.is_file():
@@ -245,7 +240,6 @@ def embedder_id(cfg: EmbedConfig) -> str:
 def embedder_record(cfg: EmbedConfig) -> dict:
     """What identifies the model half of an embedding (the transform records the rest)."""
     import timm
-    import torch
 
     return {
         "embedder_id": embedder_id(cfg),

@@ -49,14 +49,15 @@ class EmbedderPreset:
         if self.readout not in READOUTS:
             raise ValueError(f"readout {self.readout!r}: expected one of {', '.join(READOUTS)}")
 
-    def create_kwargs(self) -> dict[str, Any]:
-        """The ``timm.create_model`` arguments, a named ``mlp_layer`` resolved to its timm class."""
+    def timm_args(self, pretrained: bool = False) -> tuple[str, dict[str, Any]]:
+        """(name, keyword arguments) for ``timm.create_model``: the hub id where the published
+        weights are wanted, else the architecture; a named ``mlp_layer`` resolved to its timm class."""
         kwargs = dict(self.timm_kwargs)
         if isinstance(kwargs.get("mlp_layer"), str):
             import timm.layers
 
             kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
-        return kwargs
+        return (self.hub_id if pretrained and self.hub_id else self.model), kwargs
 
 
 # Sources. TRIDENT is the Mahmood lab's patch-encoder factory

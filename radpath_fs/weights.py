@@ -106,8 +106,8 @@ def fetch(tag: str, out: str | os.PathLike) -> Path:
         repo = (preset.hub_id.removeprefix("hf-hub:") if preset.hub_id.startswith("hf-hub:")
                 else _pretrained_cfg(preset.hub_id).hf_hub_id)
         # The timm model alone (no read-out): its keys are the ones `create_embedder` loads.
-        build = functools.partial(timm.create_model, preset.hub_id, pretrained=True, num_classes=0,
-                                  **preset.create_kwargs())
+        arch, kwargs = preset.timm_args(pretrained=True)
+        build = functools.partial(timm.create_model, arch, pretrained=True, num_classes=0, **kwargs)
     else:
         cfg = _pretrained_cfg(tag)
         name, repo, licence = cfg.architecture, cfg.hf_hub_id, cfg.license
