@@ -178,29 +178,35 @@ def test_a_gated_preset_says_where_to_ask_and_how_to_use_a_file(tmp_path, monkey
     assert not (tmp_path / "w" / "uni.safetensors").exists()
 
 
+def _fetch_offline(monkeypatch, out, preset: str, stand_in) -> tuple[list[str], object, dict]:
+    """`radpath weights fetch PRESET` with timm's random initialisation of `stand_in(name)` in place
+    of the hub: (the names timm was asked to build, the weights file, its pin)."""
+    built, create = [], timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        built.append(name)
+        torch.manual_seed(3)
+        return create(stand_in(name), **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    result = invoke(["weights", "fetch", preset, "--out", out])
+    monkeypatch.setattr(timm, "create_model", create)
+    assert result.exit_code == 0, result.output
+    path = out / f"{preset}.safetensors"
+    return built, path, json.loads(path.with_suffix(".json").read_text())
+
+
 def test_a_hub_presets_weights_are_fetched_with_its_architecture_and_pinned(tmp_path, monkeypatch):
     """`radpath weights fetch lunit_dino_vits8` builds the preset's own architecture from its hub id
     (here timm's random initialisation stands in for the hub) and writes the timm model's keys; a
     config naming that file and tag passes its pin check and loads it."""
     from radpath_fs.presets import PRESETS
 
-    built = []
-    create = timm.create_model
-
-    def offline(name, pretrained=False, **kwargs):
-        built.append(name)
-        torch.manual_seed(3)
-        return create(PRESETS["lunit_dino_vits8"].model, **kwargs)
-
-    monkeypatch.setattr(timm, "create_model", offline)
-    result = invoke(["weights", "fetch", "lunit_dino_vits8", "--out", tmp_path / "w"])
-    assert result.exit_code == 0, result.output
+    built, path, pin = _fetch_offline(monkeypatch, tmp_path / "w", "lunit_dino_vits8",
+                                      lambda name: PRESETS["lunit_dino_vits8"].model)
     assert built == ["hf-hub:1aurent/vit_small_patch8_224.lunit_dino"]
-    path = tmp_path / "w" / "lunit_dino_vits8.safetensors"
-    pin = json.loads(path.with_suffix(".json").read_text())
     assert pin["tag"] == "lunit_dino_vits8" and pin["hf_hub_id"] == "1aurent/vit_small_patch8_224.lunit_dino"
     assert "cls_token" in load_file(str(path)) and not any(k.startswith("trunk.") for k in load_file(str(path)))
-    monkeypatch.setattr(timm, "create_model", create)
     cfg = EmbedConfig(name="lunit_dino_vits8", weights=path, weights_tag="lunit_dino_vits8")
     check_weights(cfg)
     assert torch.equal(create_embedder(cfg.name, cfg.weights_file).state_dict()["pos_embed"], load_file(str(path))["pos_embed"])
@@ -210,23 +216,11 @@ def test_the_truncated_resnet_preset_fetches_only_the_layers_it_keeps(tmp_path, 
     """resnet50_trunc is fetched from timm's resnet50.tv_in1k (timm's random initialisation stands in
     for the hub here): the file holds conv1 to layer3 under timm's names, no layer4 and no classifier,
     and is pinned under the preset's name, so a config can name it."""
-    built = []
-    create = timm.create_model
-
-    def offline(name, pretrained=False, **kwargs):
-        built.append(name)
-        return create(name.split(".")[0], **kwargs)
-
-    monkeypatch.setattr(timm, "create_model", offline)
-    result = invoke(["weights", "fetch", "resnet50_trunc", "--out", tmp_path / "w"])
-    assert result.exit_code == 0, result.output
+    built, path, pin = _fetch_offline(monkeypatch, tmp_path / "w", "resnet50_trunc", lambda name: name.split(".")[0])
     assert built == ["resnet50.tv_in1k"]
-    path = tmp_path / "w" / "resnet50_trunc.safetensors"
     keys = load_file(str(path))
     assert "layer3.5.conv3.weight" in keys and not any(k.startswith(("layer4.", "fc.")) for k in keys)
-    pin = json.loads(path.with_suffix(".json").read_text())
     assert pin["tag"] == "resnet50_trunc" and pin["hf_hub_id"] == "timm/resnet50.tv_in1k"
-    monkeypatch.setattr(timm, "create_model", create)
     cfg = EmbedConfig(name="resnet50_trunc", weights=path, weights_tag="resnet50_trunc")
     check_weights(cfg)
     assert torch.equal(create_embedder(cfg.name, path).trunk.state_dict()["conv1.weight"], keys["conv1.weight"])
